@@ -1,0 +1,184 @@
+"""Scaled dot-product attention, masks, the KV cache and multi-head (GQA/MQA) attention.
+
+    Attention(Q, K, V) = softmax(Q Kᵀ / √d_k + bias, masked) · V
+
+``reference_attention`` is that formula in plain tensor ops; ``attend`` dispatches to it or to
+PyTorch's fused ``F.scaled_dot_product_attention`` (``cfg.attn_impl``). Tests hold the two equal.
+Masks are boolean, True = may attend, broadcastable to (B, H, Tq, Tk).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.nn.positions import apply_rope
+
+
+def reference_attention(
+    q: torch.Tensor,  # (B, H, Tq, D)
+    k: torch.Tensor,  # (B, Hkv, Tk, D)
+    v: torch.Tensor,  # (B, Hkv, Tk, D)
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """The textbook formula. GQA: each group of H/Hkv query heads shares one K/V head."""
+    if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    if bias is not None:
+        scores = scores + bias
+    if is_causal:
+        mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout_p > 0:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ v  # (B, H, Tq, D)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    impl: str = "sdpa",
+) -> torch.Tensor:
+    if impl == "reference":
+        return reference_attention(q, k, v, mask, bias, is_causal, scale, dropout_p)
+    attn_mask = mask
+    if bias is not None:  # fold the mask into the additive bias
+        attn_mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        attn_mask = attn_mask.to(q.dtype)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal and attn_mask is None,
+        scale=scale, enable_gqa=k.shape[1] != q.shape[1],
+    )
+
+
+# --- masks ---------------------------------------------------------------------------------------
+def causal_mask(tq: int, tk: int, device=None) -> torch.Tensor:
+    """(Tq, Tk): query i (the last Tq of Tk positions) sees keys up to its own position."""
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril(diagonal=tk - tq)
+
+
+def build_mask(
+    q_pos: torch.Tensor,  # (Tq,) positions (cache slots) of the queries
+    k_pos: torch.Tensor,  # (Tk,) positions of the keys
+    *,
+    causal: bool,
+    key_valid: torch.Tensor | None = None,  # (B, Tk) False at padding
+    prefix_len: torch.Tensor | None = None,  # (B,) prefix LM: keys before this are seen by every query
+    window: int | None = None,  # sliding window: keys at most window-1 positions back
+) -> torch.Tensor:
+    """Combine causal / prefix-LM / sliding-window / padding rules into one (B|1, 1, Tq, Tk) mask.
+
+    Every query may always attend to itself, so no row is empty (padded queries then produce
+    finite garbage that is ignored, instead of NaNs that would poison a batch).
+    """
+    qp, kp = q_pos[:, None], k_pos[None, :]  # (Tq, 1), (1, Tk)
+    allowed = torch.ones(1, q_pos.numel(), k_pos.numel(), dtype=torch.bool, device=q_pos.device)
+    if causal:
+        allowed = (kp <= qp)[None]
+        if prefix_len is not None:
+            allowed = allowed | (kp[None] < prefix_len[:, None, None])  # (B, Tq, Tk)
+    if window is not None:
+        allowed = allowed & ((qp - kp) < window)[None]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :].bool()
+    allowed = allowed | (kp == qp)[None]
+    return allowed[:, None]  # (B|1, 1, Tq, Tk)
+
+
+# --- KV cache ------------------------------------------------------------------------------------
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, holding only the KV heads (GQA).
+
+    ``update(input_pos, k, v)`` writes the new positions in place and returns the whole buffers:
+    no allocation per step, and shapes stay static (what ``torch.compile`` wants).
+    """
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype=torch.float32, device=None):
+        super().__init__()
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+# --- multi-head attention ------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head attention with n_kv_head <= n_head (MHA, GQA, MQA); self- or cross-attention.
+
+    Self-attention projects Q, K, V with one fused matmul; cross-attention projects Q from the
+    decoder and K, V from the encoder's memory (computed once, then served from ``cache``).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, cross: bool = False):
+        super().__init__()
+        self.cross = cross
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.scale, self.impl, self.dropout_p = cfg.scale, cfg.attn_impl, cfg.attn_dropout
+        q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        if cross:
+            self.q = nn.Linear(cfg.n_embd, q_dim, bias=cfg.qkv_bias)
+            self.kv = nn.Linear(cfg.n_embd, 2 * kv_dim, bias=cfg.qkv_bias)
+        else:
+            self.qkv = nn.Linear(cfg.n_embd, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.o = nn.Linear(q_dim, cfg.n_embd, bias=cfg.attn_out_bias)
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, D)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, C)
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cache: KVCache | None = None,
+        input_pos: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,  # (B, S, C) encoder output, cross-attention only
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        if self.cross:
+            q = self._heads(self.q(x), self.n_head)
+            if memory is not None:
+                k, v = self.kv(memory).split(kv_dim, dim=-1)
+                k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+                if cache is not None:
+                    k, v = cache.update(torch.arange(k.shape[2], device=k.device), k, v)
+            else:
+                k, v = cache.k, cache.v
+        else:
+            q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+            q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if cache is not None:
+                k, v = cache.update(input_pos, k, v)
+        y = attend(
+            q, k, v, mask=mask, bias=bias, is_causal=is_causal, scale=self.scale,
+            dropout_p=self.dropout_p if self.training else 0.0, impl=self.impl,
+        )  # (B, H, T, D)
+        return self.o(y.transpose(1, 2).reshape(B, T, q_dim))
