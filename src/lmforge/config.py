@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmforge.errors import UserError
+
 ARCHS = ("decoder", "encoder", "encoder-decoder")
 POSITIONS = ("learned", "sinusoidal", "rope", "t5", "alibi", "none")
 NORMS = ("layernorm", "rmsnorm")
@@ -23,7 +25,7 @@ ATTN_IMPLS = ("sdpa", "reference")
 HEADS = (None, "mlm", "seq_cls", "token_cls")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot describe a working model; the message says how to fix it."""
 
 
