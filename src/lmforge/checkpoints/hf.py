@@ -232,7 +232,7 @@ def bert_names(cfg: ModelConfig) -> dict[str, Source]:
     b = "bert."
     m = {"embed.tok.weight": Source([b + "embeddings.word_embeddings.weight"]),
          "embed.pos.weight": Source([b + "embeddings.position_embeddings.weight"]),
-         "embed.type.weight": Source([b + "embeddings.token_type_embeddings.weight"]),
+         "embed.token_type.weight": Source([b + "embeddings.token_type_embeddings.weight"]),
          "embed.norm.weight": Source([b + "embeddings.LayerNorm.weight"]),
          "embed.norm.bias": Source([b + "embeddings.LayerNorm.bias"]),
          "pooler.weight": Source([b + "pooler.dense.weight"]), "pooler.bias": Source([b + "pooler.dense.bias"]),
@@ -263,6 +263,8 @@ def t5_config(hf: dict) -> ModelConfig:
     act = {"gelu": "gelu_tanh", "gelu_new": "gelu_tanh", "relu": "relu", "silu": "silu"}.get(act)
     if act is None:
         raise ConfigError(f"T5 feed_forward_proj={proj!r} is not supported (relu, gated-gelu, gated-silu).")
+    # v1.0 ties the head and scales the decoder output by d**-0.5; v1.1/flan has its own head and no
+    # scale. transformers v5 always ties and records the scale separately (scale_decoder_outputs).
     tied = hf.get("tie_word_embeddings", True)
     d = hf["d_model"]
     return _preset(
@@ -271,7 +273,7 @@ def t5_config(hf: dict) -> ModelConfig:
         n_embd=d, n_head=hf["num_heads"], head_dim=hf["d_kv"], d_ff=hf["d_ff"], ffn="glu" if gated else "mlp",
         activation=act, norm_eps=hf.get("layer_norm_epsilon", 1e-6), dropout=hf.get("dropout_rate", 0.0),
         t5_num_buckets=hf.get("relative_attention_num_buckets", 32), t5_max_distance=hf.get("relative_attention_max_distance", 128),
-        tie_embeddings=tied, logit_scale=d**-0.5 if tied else None, pad_token_id=hf.get("pad_token_id", 0),
+        tie_embeddings=tied, logit_scale=d**-0.5 if hf.get("scale_decoder_outputs", tied) else None, pad_token_id=hf.get("pad_token_id", 0),
         eos_token_id=_eos(hf, 1), decoder_start_token_id=hf.get("decoder_start_token_id", 0),
     )
 
@@ -279,8 +281,9 @@ def t5_config(hf: dict) -> ModelConfig:
 def t5_fits(cfg: ModelConfig) -> str | None:
     want = dict(arch="encoder-decoder", position="t5", norm="rmsnorm", norm_placement="pre", qkv_bias=False,
                 attn_out_bias=False, mlp_bias=False, lm_head_bias=False, attn_scale=1.0, embed_scale=None,
-                final_norm=True, embedding_norm=False, type_vocab_size=0, sliding_window=None,
-                logit_scale=cfg.n_embd**-0.5 if cfg.tie_embeddings else None)
+                final_norm=True, embedding_norm=False, type_vocab_size=0, sliding_window=None)
+    if cfg.logit_scale not in (None, cfg.n_embd**-0.5) or (cfg.logit_scale and not cfg.tie_embeddings):
+        return "T5 scales decoder outputs by d_model**-0.5 only, and only with a tied head"
     return _mismatch(cfg, want) or (None if cfg.n_kv_head == cfg.n_head else "T5 has no GQA")
 
 
@@ -292,6 +295,7 @@ def t5_hf_config(cfg: ModelConfig) -> dict:
         num_heads=cfg.n_head, relative_attention_num_buckets=cfg.t5_num_buckets,
         relative_attention_max_distance=cfg.t5_max_distance, dropout_rate=cfg.dropout, layer_norm_epsilon=cfg.norm_eps,
         feed_forward_proj=("gated-" if cfg.ffn == "glu" else "") + act, tie_word_embeddings=cfg.tie_embeddings,
+        scale_decoder_outputs=cfg.logit_scale is not None,
         is_encoder_decoder=True, pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
         decoder_start_token_id=cfg.decoder_start_token_id,
     )

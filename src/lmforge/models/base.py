@@ -23,7 +23,7 @@ class Embeddings(nn.Module):
         self.pos = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.position == "learned" else None
         self.sinusoid_shape = (cfg.max_seq_len, cfg.n_embd) if cfg.position == "sinusoidal" else None
         self.init_buffers()
-        self.type = nn.Embedding(cfg.type_vocab_size, cfg.n_embd) if cfg.type_vocab_size else None
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.n_embd) if cfg.type_vocab_size else None
         self.norm = make_norm(cfg) if cfg.embedding_norm else None
         self.dropout = nn.Dropout(cfg.dropout)
         self.scale = cfg.embed_scale
@@ -40,8 +40,8 @@ class Embeddings(nn.Module):
             h = h + self.pos(position_ids)
         if self.sinusoid is not None:
             h = h + self.sinusoid[position_ids]
-        if self.type is not None:
-            h = h + self.type(torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
+        if self.token_type is not None:
+            h = h + self.token_type(torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
         if self.norm is not None:
             h = self.norm(h)
         return self.dropout(h)
