@@ -81,3 +81,16 @@ class EncoderModel(TransformerModel):
             m = m.unsqueeze(-1).to(h.dtype)
             e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return F.normalize(e, p=2, dim=-1) if normalize else e
+
+    @torch.no_grad()
+    def embed_texts(self, tokenizer, texts: list[str], batch_size: int = 32, normalize: bool = True) -> torch.Tensor:
+        """Sentence embeddings (N, D) of raw texts: tokenize, right-pad per batch, pool."""
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        out = []
+        for i in range(0, len(texts), batch_size):
+            batch = [tokenizer.encode(t)[: self.config.max_seq_len] for t in texts[i : i + batch_size]]
+            width = max(len(b) for b in batch)
+            ids = torch.tensor([b + [pad] * (width - len(b)) for b in batch], device=self.device)
+            mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch], device=self.device)
+            out.append(self.embed_tokens(ids, mask, normalize=normalize))
+        return torch.cat(out)
