@@ -168,11 +168,16 @@ def convert_to_hf(model: TransformerModel) -> dict[str, torch.Tensor]:
 
 
 def load_into(model: TransformerModel, state: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Assign the tensors to a model built on the meta device (no copy), then rebuild derived buffers."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if k in ("lm_head.weight", "mlm.decoder.weight") and model.config.tie_embeddings}
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}.")
+    model.tie_weights()
+    for module in model.modules():  # RoPE tables, sinusoids, ALiBi slopes: built on meta, computed again here
+        if hasattr(module, "init_buffers"):
+            module.init_buffers()
 
 
 def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> TransformerModel:
@@ -194,19 +199,8 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
         state = raw if family == "lmforge" else convert_from_hf(model, raw)
     else:
         raise CheckpointError(f"{p} is neither a checkpoint directory nor a GGUF file.")
-    model = model.to_empty(device=device)
-    _restore_buffers(model)
     load_into(model, state)
-    model.tie_weights()
     return model.to(device=device, dtype=dtype).eval()
-
-
-def _restore_buffers(model: TransformerModel) -> None:
-    """Non-persistent buffers (RoPE tables, sinusoids, ALiBi slopes) were built on the meta device;
-    the modules that own them compute them again."""
-    for module in model.modules():
-        if hasattr(module, "init_buffers"):
-            module.init_buffers()
 
 
 # --- writing -------------------------------------------------------------------------------------
