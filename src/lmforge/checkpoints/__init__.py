@@ -240,6 +240,24 @@ def save_pretrained(model: TransformerModel, out_dir: str | Path, tokenizer=None
 
 
 # --- describing ----------------------------------------------------------------------------------
+def stored_dtypes(d: Path) -> str:
+    """The dtypes of the stored tensors, read from safetensors headers (no tensor is loaded)."""
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    counts: Counter = Counter()
+    for f in weight_files(d):
+        if f.suffix != ".safetensors":
+            return "unknown (pickle)"
+        try:
+            with safe_open(f, "pt") as st:
+                counts.update(st.get_slice(k).get_dtype() for k in st.keys())
+        except Exception as e:
+            raise CheckpointError(f"could not read {f}: it is truncated or not a safetensors file ({e}).") from None
+    return ", ".join(f"{k} x{v}" for k, v in counts.most_common())
+
+
 def describe(path: str | Path | None = None) -> dict[str, Any]:
     """What `lmforge info` prints: family, parameters, dims, context, dtype, tokenizer, chat template."""
     p = resolve(path)
@@ -261,7 +279,7 @@ def describe(path: str | Path | None = None) -> dict[str, Any]:
         hf = read_hf_config(p)
         family = family_of(hf)
         cfg = ModelConfig.from_dict(hf["lmforge"]) if family == "lmforge" else FAMILIES[family].config(hf)
-        dtype = hf.get("dtype") or hf.get("torch_dtype") or "unknown"
+        dtype = stored_dtypes(p)
         fmt = "Hugging Face directory"
         tok_files = [f for f in ("tokenizer.json", "vocab.txt", "tokenizer.model") if (p / f).exists()]
         tokenizer = f"yes ({', '.join(tok_files)})" if tok_files else "no"
