@@ -30,6 +30,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Backend
 
+from lmforge.errors import UserError
+
 SPECIAL_ROLES = ("bos", "eos", "pad", "mask", "unk", "cls", "sep")
 
 # Control tokens that end a turn; generation stops on them as on eos (llama.cpp's end-of-generation list).
@@ -59,7 +61,7 @@ _GGUF_SPECIAL_KEYS = {
 }  # fmt: skip
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file or an input that cannot be used; the message names it and says why."""
 
 
@@ -220,8 +222,13 @@ class CharTokenizer(Tokenizer):
         return super().encode(text, add_special_tokens)
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a tokenizer from a Hugging Face directory, a .gguf file or a .tiktoken ranks file."""
+def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
+    """Load a tokenizer from a Hugging Face directory, a .gguf file or a .tiktoken ranks file
+    (default: the bundled SmolLM2-135M-Instruct's, as `load_model()`)."""
+    if path is None:
+        from lmforge.checkpoints import default_model_path
+
+        path = default_model_path()
     path = Path(path)
     if not path.exists():
         raise TokenizerError(f"{path} does not exist.")
