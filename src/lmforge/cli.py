@@ -50,6 +50,91 @@ def cmd_sample(args: argparse.Namespace) -> None:
     print("\n---------------\n".join(texts))
 
 
+def _generation_setup(args: argparse.Namespace):
+    """Model, tokenizer, Generator and sampling parameters from the shared generate/chat options."""
+    from lmforge.checkpoints import load_model
+    from lmforge.inference import Generator
+    from lmforge.tokenizer import load_tokenizer
+
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    draft = load_model(args.draft) if args.draft else None
+    gen = Generator(model, tokenizer, compile=args.compile, quantize=args.quantize, draft_model=draft)
+    params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop))
+    return gen, params
+
+
+def _print_stream(gen, prompt, params) -> None:
+    """Stream one reply to stdout, then its token count and speed to stderr."""
+    import time
+
+    start = time.perf_counter()
+    for piece in gen.stream(prompt, **params):
+        print(piece, end="", flush=True)
+    elapsed = time.perf_counter() - start
+    n = len(gen.last_completions[0].token_ids)
+    print(flush=True)
+    print(f"[{n} tokens, {n / elapsed:.1f} tokens/s]", file=sys.stderr, flush=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    gen, params = _generation_setup(args)
+    prompt = args.prompt
+    if args.chat or args.system:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+    _print_stream(gen, prompt, params)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lmforge.inference import PromptError
+
+    gen, params = _generation_setup(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    print("Chat with the model. /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            history = []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        while True:  # drop the oldest turns while the conversation overflows the context
+            try:
+                _print_stream(gen, system + history, params)
+                break
+            except PromptError:
+                if len(history) <= 1:
+                    raise
+                history = history[2:]
+                print("(oldest turn dropped: the conversation outgrew the context)", file=sys.stderr)
+        history.append({"role": "assistant", "content": gen.last_completions[0].text})
+
+
+def _add_generation_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", nargs="?", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    s.add_argument("--system", default=None, help="system message (chat template)")
+    s.add_argument("--max-new-tokens", type=int, default=512)
+    s.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default: 0.2, SmolLM2's recommendation)")
+    s.add_argument("--top-k", type=int, default=0, help="0 = off")
+    s.add_argument("--top-p", type=float, default=0.9, help="1 = off")
+    s.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    s.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--compile", action="store_true", help="compile the decode step (slow first reply, faster after)")
+    s.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 linear layers")
+    s.add_argument("--draft", default=None, help="draft model for speculative decoding (greedy: --temperature 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmforge", description="A complete, fast, hackable LLM stack on PyTorch.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -99,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=200)
     s.add_argument("--seed", type=int, default=1337)
     s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("generate", help="stream a completion of a prompt to the terminal")
+    _add_generation_options(s)
+    s.add_argument("-p", "--prompt", required=True, help="the prompt text")
+    s.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive chat through the model's chat template (/reset, /exit)")
+    _add_generation_options(s)
+    s.set_defaults(func=cmd_chat)
 
     # Other verbs register here (one add_parser block each).
     return p

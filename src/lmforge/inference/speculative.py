@@ -1,0 +1,70 @@
+"""Speculative decoding (Leviathan et al. 2023, greedy form): a small draft model guesses the next
+``k`` tokens one at a time; the target model checks all of them in one forward pass and keeps the
+longest prefix it agrees with, plus its own next token. Every kept token is the target's argmax,
+so the output is the target's greedy output; each target pass yields 1 to k + 1 tokens.
+
+Both models keep static KV caches; rejected guesses are undone by moving the write position back
+(``runner.rewind``): their slots are simply overwritten later, and the causal mask never lets a
+query see a slot beyond its own position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from lmforge.inference.generate import DecoderRunner
+
+
+def speculative_tokens(gen, row, use_cache: bool = True) -> Iterator[tuple[int, str]]:
+    """Generate ``row`` (one prompt, greedy) with ``gen.model`` checking ``gen.draft_model``'s guesses.
+    Yields (0, text piece) like ``sample_tokens``; ``gen.last_stats`` counts passes and accepted tokens."""
+    k = gen.num_draft_tokens
+    target = DecoderRunner(gen.model, [row.prompt], row.max_new, use_cache=use_cache, extra_slots=k + 1)
+    draft = DecoderRunner(gen.draft_model, [row.prompt], row.max_new, use_cache=use_cache, extra_slots=k + 1)
+    stats = gen.last_stats = {"target_passes": 0, "drafted": 0, "accepted": 0}
+    try:
+        token = int(target.prefill().argmax(-1))
+        draft.prefill()
+        pending = [token]  # tokens the draft has not consumed yet
+        piece = row.accept(token)
+        if piece:
+            yield 0, piece
+        while row.finish_reason is None:
+            # 1. the draft guesses k tokens greedily (fewer near the end)
+            n_guess = min(k, row.max_new - len(row.tokens))
+            guesses = []
+            logits = draft.extend(torch.tensor([pending], device=draft.slot_mask.device))
+            for i in range(n_guess):
+                guesses.append(int(logits.argmax(-1)))
+                if i + 1 < n_guess:
+                    logits = draft.extend(torch.tensor([[guesses[-1]]], device=draft.slot_mask.device))
+            # 2. the target scores [token, guesses...] in one pass: its argmax after each of them
+            fed = torch.tensor([[token, *guesses]], device=target.slot_mask.device)
+            preds = target.extend(fed, all_logits=True)[0].argmax(-1).tolist()  # (n_guess + 1,)
+            n_ok = 0
+            while n_ok < n_guess and guesses[n_ok] == preds[n_ok]:
+                n_ok += 1
+            stats["target_passes"] += 1
+            stats["drafted"] += n_guess
+            stats["accepted"] += n_ok
+            # 3. keep the agreed guesses and the target's own next token; undo the rest
+            target.rewind(n_guess - n_ok)  # it consumed token + n_guess guesses; keeps token + n_ok
+            if n_ok == n_guess:  # the draft consumed all guesses but the last
+                pending = guesses[-1:]
+            else:  # the draft consumed n_guess - 1 guesses, of which n_ok stand
+                draft.rewind(n_guess - 1 - n_ok)
+                pending = []
+            new_tokens = guesses[:n_ok] + [preds[n_ok]]
+            for t in new_tokens:
+                piece = row.accept(t)
+                if piece:
+                    yield 0, piece
+                if row.finish_reason is not None:
+                    break
+            token = new_tokens[-1]
+            pending = pending + [token]
+    finally:
+        target.close()
+        draft.close()
