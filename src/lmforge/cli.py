@@ -119,6 +119,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": gen.last_completions[0].text})
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from lmforge.serve.server import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"),
+          max_queue=args.max_queue, embedding_model=args.embedding_model, kv_cache_gb=args.kv_cache_gb,
+          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)  # fmt: skip
+
+
 def _add_generation_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("model", nargs="?", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     s.add_argument("--system", default=None, help="system message (chat template)")
@@ -194,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("chat", help="interactive chat through the model's chat template (/reset, /exit)")
     _add_generation_options(s)
     s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching over a paged KV cache")
+    s.add_argument("model", nargs="?", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY, else none)")
+    s.add_argument("--max-queue", type=int, default=1024, help="waiting sequences before requests get 429")
+    s.add_argument("--embedding-model", default=None, help="an encoder (e.g. MiniLM) to serve /v1/embeddings")
+    s.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache")
+    s.add_argument("--max-model-len", type=int, default=None, help="context per sequence (default: the model's)")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together in one batch")
+    s.set_defaults(func=cmd_serve)
 
     # Other verbs register here (one add_parser block each).
     return p

@@ -1,0 +1,753 @@
+"""An OpenAI-compatible HTTP server over the engine (FastAPI + uvicorn).
+
+    lmforge serve                                   # the bundled SmolLM2 on 127.0.0.1:8000
+    lmforge serve ckpt/ --embedding-model minilm/ --api-key $KEY --port 8080
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (``stream: true`` as
+server-sent events ending in ``data: [DONE]``), POST /v1/embeddings (an encoder such as MiniLM),
+GET /health, GET /metrics (Prometheus text). Bad requests get 400 with OpenAI's error body,
+``{"error": {"message", "type", "param", "code"}}``; a full queue 429; a missing or wrong API key
+401. A client that goes away, mid-stream or while waiting, cancels its request at once, which
+frees its KV blocks before the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmforge.errors import UserError
+from lmforge.inference.sampling import MAX_LOGPROBS, SamplingError, SamplingParams
+from lmforge.serve.engine import ContextLengthError, Engine, EngineConfig, QueueFullError, SequenceOutput
+
+log = logging.getLogger("lmforge.serve")
+
+
+# --- errors --------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+
+def bad(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param)
+
+
+# --- the embedder --------------------------------------------------------------------------------
+class Embedder:
+    """An encoder (BERT, MiniLM) turning texts into normalised mean-pooled sentence embeddings."""
+
+    def __init__(self, model, tokenizer, name: str, batch_size: int = 32):
+        if model.config.arch != "encoder":
+            raise UserError(f"the embedding model must be an encoder (BERT, MiniLM); {name} is a {model.config.arch}.")
+        self.model, self.tokenizer, self.name, self.batch_size = model.eval(), tokenizer, name, batch_size
+        self.max_len = model.config.max_seq_len
+        self.dim = model.config.n_embd
+        self._lock = threading.Lock()
+
+    def embed(self, inputs: list[list[int]]) -> torch.Tensor:
+        """(N, D) embeddings of token-id inputs (each already checked against the context)."""
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        out = []
+        with self._lock, torch.inference_mode():
+            for i in range(0, len(inputs), self.batch_size):
+                batch = inputs[i : i + self.batch_size]
+                width = max(len(b) for b in batch)
+                ids = torch.tensor([b + [pad] * (width - len(b)) for b in batch])
+                mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
+                out.append(self.model.embed_tokens(ids, mask))
+        return torch.cat(out).float()
+
+
+# --- request parsing -----------------------------------------------------------------------------
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+class Body:
+    """A JSON request body read field by field; every field read is marked known, the rest is rejected."""
+
+    def __init__(self, data: Any):
+        if not isinstance(data, dict):
+            raise bad("the request body must be a JSON object.")
+        self.data, self.seen = data, set()
+
+    def get(self, name: str, kind: str, default: Any = None, *, lo: float | None = None, hi: float | None = None):
+        self.seen.add(name)
+        value = self.data.get(name, None)
+        if value is None:
+            return default
+        ok = {
+            "int": _is_int(value), "num": _is_num(value), "bool": isinstance(value, bool), "str": isinstance(value, str),
+            "list": isinstance(value, list), "dict": isinstance(value, dict), "any": True,
+        }[kind]  # fmt: skip
+        if not ok:
+            what = {"int": "an integer", "num": "a number", "bool": "true or false", "str": "a string",
+                    "list": "an array", "dict": "an object", "any": "a value"}[kind]  # fmt: skip
+            raise bad(f"'{name}' must be {what}, got {json.dumps(value)[:60]}.", name)
+        if lo is not None and value < lo or hi is not None and value > hi:
+            raise bad(f"'{name}' must lie in [{lo:g}, {hi:g}], got {value}.", name)
+        return value
+
+    def ignore(self, *names: str) -> None:
+        self.seen.update(names)
+
+    def unsupported(self, *names: str, allowed: Callable[[Any], bool] = lambda v: v is None) -> None:
+        for name in names:
+            self.seen.add(name)
+            if name in self.data and not allowed(self.data[name]):
+                raise bad(f"'{name}' is not supported by this server.", name)
+
+    def check_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise bad(f"unknown parameter(s): {', '.join(unknown)}.", unknown[0])
+
+
+def _sampling(body: Body, max_tokens: int | None, logprobs: int, n_max: int = 128) -> tuple[dict, int | None]:
+    """SamplingParams fields common to chat and completions (OpenAI's, then vLLM-style extras)."""
+    stop = body.get("stop", "any")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        raise bad("'stop' must be a non-empty string or an array of non-empty strings.", "stop")
+    stop_ids = body.get("stop_token_ids", "list")
+    if stop_ids is not None and not all(_is_int(t) and t >= 0 for t in stop_ids):
+        raise bad("'stop_token_ids' must be an array of token ids.", "stop_token_ids")
+    fields = dict(
+        temperature=body.get("temperature", "num", 1.0, lo=0, hi=2),
+        top_p=body.get("top_p", "num", 1.0),
+        top_k=body.get("top_k", "int", 0),
+        min_p=body.get("min_p", "num", 0.0),
+        presence_penalty=body.get("presence_penalty", "num", 0.0, lo=-2, hi=2),
+        frequency_penalty=body.get("frequency_penalty", "num", 0.0, lo=-2, hi=2),
+        repetition_penalty=body.get("repetition_penalty", "num", 1.0),
+        seed=body.get("seed", "int"),
+        n=body.get("n", "int", 1, lo=1, hi=n_max),
+        stop=tuple(stop or ()),
+        stop_token_ids=tuple(stop_ids or ()),
+        ignore_eos=body.get("ignore_eos", "bool", False),
+        skip_special_tokens=body.get("skip_special_tokens", "bool", True),
+        logprobs=logprobs,
+    )
+    body.unsupported("logit_bias", allowed=lambda v: not v)
+    body.ignore("user", "metadata", "store", "service_tier")
+    if max_tokens is not None and max_tokens < 1:
+        raise bad(f"'max_tokens' must be at least 1, got {max_tokens}.", "max_tokens")
+    return fields, max_tokens
+
+
+class Spec:
+    """A parsed generation request."""
+
+    def __init__(self, prompts: list[list[int]], fields: dict, max_tokens: int | None, stream: bool,
+                 include_usage: bool, want_logprobs: bool):  # fmt: skip
+        self.prompts, self.fields, self.max_tokens = prompts, fields, max_tokens
+        self.stream, self.include_usage, self.want_logprobs = stream, include_usage, want_logprobs
+
+    def params(self, engine: Engine, prompt: list[int], default_max: int | None) -> SamplingParams:
+        max_new = self.max_tokens if self.max_tokens is not None else default_max
+        if max_new is None:
+            max_new = engine.max_model_len - len(prompt)
+        engine.check_prompt(prompt, max_new if self.max_tokens is not None else None)
+        max_new = min(max_new, engine.max_model_len - len(prompt))
+        return SamplingParams(max_new_tokens=max_new, **self.fields)
+
+
+def _stream_options(body: Body, stream: bool) -> bool:
+    opts = body.get("stream_options", "dict")
+    if opts is None:
+        return False
+    if not stream:
+        raise bad("'stream_options' is only allowed with stream: true.", "stream_options")
+    unknown = set(opts) - {"include_usage", "continuous_usage_stats"}
+    if unknown or not isinstance(opts.get("include_usage", False), bool):
+        raise bad("'stream_options' takes only include_usage (true or false).", "stream_options")
+    return bool(opts.get("include_usage", False))
+
+
+def _message_text(m: Any, i: int) -> dict:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise bad(f"messages[{i}] must be an object with a 'role' and a 'content'.", "messages")
+    content = m.get("content")
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"messages[{i}].content: only text parts are supported.", "messages")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if content is not None and not isinstance(content, str):
+        raise bad(f"messages[{i}].content must be a string or an array of text parts.", "messages")
+    return {**{k: v for k, v in m.items() if k in ("role", "name")}, "content": content or ""}
+
+
+# --- the app -------------------------------------------------------------------------------------
+class Server:
+    """State shared by the endpoints: the engine, the embedder, counters."""
+
+    def __init__(self, engine: Engine | None, model_name: str | None, embedder: Embedder | None, api_key: str | None):
+        if engine is None and embedder is None:
+            raise UserError("a server needs a generator model, an embedding model, or both.")
+        self.engine, self.model_name, self.embedder, self.api_key = engine, model_name, embedder, api_key
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.started = int(time.time())
+        self._token_text: dict[int, str] = {}
+
+    # tokens as text, for logprobs
+    def token_text(self, token_id: int) -> str:
+        t = self._token_text.get(token_id)
+        if t is None:
+            t = self._token_text[token_id] = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        return t
+
+    def check_model(self, body: Body, kind: str) -> str:
+        name = body.get("model", "str")
+        if name is None:
+            raise bad("'model' is required.", "model")
+        served = self.model_name if kind == "generate" else (self.embedder.name if self.embedder else None)
+        if kind == "generate" and self.engine is None:
+            raise APIError(404, "this server hosts no text-generation model, only embeddings.", "model", "model_not_found")
+        if kind == "embed" and self.embedder is None:
+            raise APIError(404, "this server hosts no embedding model: start it with --embedding-model.", "model", "model_not_found")
+        if name != served:
+            raise APIError(404, f"the model '{name}' does not exist here; this server serves '{served}'.", "model", "model_not_found")
+        return name
+
+
+async def read_body(request: Request) -> Body:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad(f"the request body is not valid JSON ({e}).") from None
+    return Body(data)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that stop, and cancel their request, the moment the client disconnects
+    (even while no token is being sent), whatever ASGI version the server speaks."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def run() -> None:
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the client went away between two events
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(run)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            self.on_close()
+
+
+class Pending:
+    """The engine requests of one HTTP request (one per prompt), merged into one queue."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, SequenceOutput]] = asyncio.Queue()
+        self.rids: list[str] = []
+        self.left = 0
+
+    def add(self, k: int, prompt: list[int], params: SamplingParams, want_logprobs: bool) -> None:
+        put = self.queue.put_nowait
+        rid = self.engine.add_request(
+            prompt, params, lambda o: self.loop.call_soon_threadsafe(put, (k, o)), want_logprobs=want_logprobs
+        )
+        self.rids.append(rid)
+        self.left += params.n
+
+    async def next(self) -> tuple[int, SequenceOutput]:
+        k, out = await self.queue.get()
+        if out.finish_reason is not None:
+            self.left -= 1
+        return k, out
+
+    def abort(self) -> None:
+        if self.left:
+            for rid in self.rids:
+                self.engine.abort(rid)
+            self.left = 0
+
+
+def create_app(
+    engine: Engine | None,
+    model_name: str | None = None,
+    *,
+    embedder: Embedder | None = None,
+    api_key: str | None = None,
+    manage_engine: bool = True,
+) -> FastAPI:
+    """The FastAPI app. ``manage_engine``: start the engine's thread at start-up, stop it at shutdown."""
+    state = Server(engine, model_name, embedder, api_key)
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if engine is not None and manage_engine:
+            engine.start()
+        try:
+            yield
+        finally:
+            if engine is not None and manage_engine:
+                engine.shutdown()
+
+    app = FastAPI(title="lmforge", lifespan=lifespan)
+    app.state.server = state
+
+    # --- errors, counted requests, auth ----------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        return error_response(bad(f"invalid request: {e.errors()[0].get('msg', 'bad value')}."))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        log.exception("unhandled error in %s", request.url.path)
+        return JSONResponse(error_body("internal server error; the details are in the server log.", "server_error"), 500)
+
+    counted = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/health", "/metrics"}
+
+    class CountRequests:  # plain ASGI middleware: leaves streaming and disconnects alone
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] != "http":
+                return await self.app(scope, receive, send)
+            status = [500]
+
+            async def send_status(message):
+                if message["type"] == "http.response.start":
+                    status[0] = message["status"]
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_status)
+            finally:
+                path = scope["path"] if scope["path"] in counted else "other"
+                state.requests[(path, status[0])] += 1
+
+    app.add_middleware(CountRequests)
+
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
+        if not ok:
+            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'.", None,
+                           "invalid_api_key")  # fmt: skip
+
+    v1 = APIRouter(dependencies=[Depends(check_key)])
+
+    # --- endpoints -------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if engine is not None and manage_engine and not engine.running_in_thread:
+            return JSONResponse({"status": "engine not running"}, status_code=503)
+        return {"status": "ok"}
+
+    @v1.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
+
+    @v1.get("/v1/models")
+    async def models():
+        data = []
+        if engine is not None:
+            data.append({"id": model_name, "object": "model", "created": state.started, "owned_by": "lmforge",
+                         "max_model_len": engine.max_model_len})  # fmt: skip
+        if embedder is not None:
+            data.append({"id": embedder.name, "object": "model", "created": state.started, "owned_by": "lmforge",
+                         "max_model_len": embedder.max_len})  # fmt: skip
+        return {"object": "list", "data": data}
+
+    @v1.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        name = state.check_model(body, "generate")
+        prompt = body.get("prompt", "any")
+        if prompt is None:
+            raise bad("'prompt' is required.", "prompt")
+        prompts = _completion_prompts(prompt, engine.tokenizer)
+        lp = body.get("logprobs", "int", lo=0, hi=MAX_LOGPROBS)
+        body.unsupported("echo", allowed=lambda v: v in (None, False))
+        body.unsupported("suffix")
+        n = body.data.get("n") or 1
+        body.unsupported("best_of", allowed=lambda v: v is None or v == n)
+        max_tokens = body.get("max_tokens", "int")
+        fields, max_tokens = _sampling(body, max_tokens, lp or 0)
+        stream = body.get("stream", "bool", False)
+        usage = _stream_options(body, stream)
+        body.check_unknown()
+        spec = Spec(prompts, fields, max_tokens, stream, usage, lp is not None)
+        return await _generate(request, state, spec, name, chat=False, default_max=16)
+
+    @v1.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request)
+        name = state.check_model(body, "generate")
+        messages = body.get("messages", "list")
+        if not messages:
+            raise bad("'messages' must be a non-empty array of messages.", "messages")
+        messages = [_message_text(m, i) for i, m in enumerate(messages)]
+        try:
+            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except UserError as e:
+            raise bad(str(e), "messages") from None
+        except ValueError as e:
+            raise bad(f"the chat template rejected these messages: {e}", "messages") from None
+        prompt = engine.tokenizer.encode(text, add_special_tokens=False)
+        want = body.get("logprobs", "bool", False)
+        top = body.get("top_logprobs", "int", lo=0, hi=MAX_LOGPROBS)
+        if top is not None and not want:
+            raise bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+        mct = body.get("max_completion_tokens", "int")
+        max_tokens = mct if mct is not None else body.get("max_tokens", "int")
+        body.ignore("max_tokens")
+        body.unsupported("tools", "functions", allowed=lambda v: not v)
+        body.unsupported("tool_choice", "function_call", allowed=lambda v: v in (None, "none"))
+        body.unsupported("parallel_tool_calls", allowed=lambda v: True)
+        body.unsupported("response_format", allowed=lambda v: v is None or v == {"type": "text"})
+        body.unsupported("modalities", allowed=lambda v: v is None or v == ["text"])
+        body.unsupported("audio", "prediction", "web_search_options", "reasoning_effort")
+        fields, max_tokens = _sampling(body, max_tokens, top or 0)
+        stream = body.get("stream", "bool", False)
+        usage = _stream_options(body, stream)
+        body.check_unknown()
+        spec = Spec([prompt], fields, max_tokens, stream, usage, bool(want))
+        return await _generate(request, state, spec, name, chat=True, default_max=None)
+
+    @v1.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await read_body(request)
+        name = state.check_model(body, "embed")
+        inputs = _embedding_inputs(body.get("input", "any"), embedder)
+        fmt = body.get("encoding_format", "str", "float")
+        if fmt not in ("float", "base64"):
+            raise bad(f"'encoding_format' must be float or base64, got {fmt!r}.", "encoding_format")
+        dims = body.get("dimensions", "int")
+        if dims is not None and dims != embedder.dim:
+            raise bad(f"'dimensions' must be {embedder.dim} for {name} (it cannot shorten its embeddings).", "dimensions")
+        body.ignore("user")
+        body.check_unknown()
+        vectors = await asyncio.to_thread(embedder.embed, inputs)
+        data = []
+        for i, v in enumerate(vectors):
+            emb: Any = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        n_tok = sum(len(x) for x in inputs)
+        return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}
+
+    app.include_router(v1)
+    return app
+
+
+def _completion_prompts(prompt: Any, tokenizer) -> list[list[int]]:
+    """OpenAI's prompt forms: a string, token ids, or an array of either."""
+    def one(p) -> list[int]:
+        if isinstance(p, str):
+            if not p:
+                raise bad("'prompt' must not be empty.", "prompt")
+            return tokenizer.encode(p)
+        if isinstance(p, list) and p and all(_is_int(t) for t in p):
+            return list(p)
+        raise bad("'prompt' must be a string, an array of token ids, or an array of those.", "prompt")
+
+    if isinstance(prompt, list) and prompt and not all(_is_int(t) for t in prompt):
+        return [one(p) for p in prompt]
+    return [one(prompt)]
+
+
+def _embedding_inputs(value: Any, embedder: Embedder) -> list[list[int]]:
+    if value is None:
+        raise bad("'input' is required.", "input")
+    if isinstance(value, str) or (isinstance(value, list) and value and all(_is_int(t) for t in value)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise bad("'input' must be a string, an array of strings, or token ids.", "input")
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str) and item:
+            ids = embedder.tokenizer.encode(item)
+        elif isinstance(item, list) and item and all(_is_int(t) for t in item):
+            ids = list(item)
+            if min(ids) < 0 or max(ids) >= embedder.model.config.vocab_size:
+                raise bad(f"input[{i}] has a token id outside the vocabulary.", "input")
+        else:
+            raise bad(f"input[{i}] must be a non-empty string or an array of token ids.", "input")
+        if len(ids) > embedder.max_len:
+            raise bad(f"input[{i}] has {len(ids)} tokens but {embedder.name}'s context is {embedder.max_len} tokens: "
+                      "shorten it.", "input")  # fmt: skip
+        out.append(ids)
+    return out
+
+
+# --- generation ----------------------------------------------------------------------------------
+async def _generate(request: Request, state: Server, spec: Spec, name: str, *, chat: bool, default_max: int | None):
+    engine = state.engine
+    pending = Pending(engine)
+    try:
+        params = [spec.params(engine, p, default_max) for p in spec.prompts]
+        for k, (prompt, p) in enumerate(zip(spec.prompts, params)):
+            pending.add(k, prompt, p, spec.want_logprobs)
+    except QueueFullError as e:
+        pending.abort()
+        raise APIError(429, str(e), None, "queue_full", "rate_limit_error") from None
+    except (ContextLengthError, SamplingError) as e:
+        pending.abort()
+        raise bad(str(e), "messages" if chat else "prompt") from None
+    n = params[0].n
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    created = int(time.time())
+    prompt_tokens = sum(len(p) for p in spec.prompts)
+    if spec.stream:
+        events = _stream_events(state, pending, spec, rid, created, name, n, prompt_tokens, chat)
+        return EventStream(events, pending.abort)
+
+    # not streamed: collect, and stop at once if the client goes away while we wait
+    choices: dict[int, dict] = {}
+
+    async def collect() -> None:
+        while pending.left:
+            k, out = await pending.next()
+            c = choices.setdefault(k * n + out.index, {"text": "", "ids": [], "lps": [], "reason": None, "error": None})
+            c["text"] += out.text
+            c["ids"] += out.token_ids
+            if out.logprobs:
+                c["lps"] += out.logprobs
+            if out.finish_reason is not None:
+                c["reason"], c["error"] = out.finish_reason, out.error
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    collector, watcher = asyncio.create_task(collect()), asyncio.create_task(disconnected())
+    try:
+        await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not collector.done():
+            collector.cancel()
+            pending.abort()
+    if not collector.done() or collector.cancelled():
+        return JSONResponse(error_body("client disconnected"), status_code=499)
+    collector.result()
+    errors = [c["error"] for c in choices.values() if c["reason"] == "error"]
+    if errors:
+        raise APIError(500, f"generation failed: {errors[0]}", None, None, "server_error")
+    completion_tokens = sum(len(c["ids"]) for c in choices.values())
+    out_choices = []
+    for i in sorted(choices):
+        c = choices[i]
+        lp = _logprobs(state, c["lps"], chat, spec.fields["logprobs"]) if spec.want_logprobs else None
+        if chat:
+            out_choices.append({"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": lp,
+                                "finish_reason": c["reason"]})  # fmt: skip
+        else:
+            out_choices.append({"index": i, "text": c["text"], "logprobs": lp, "finish_reason": c["reason"]})
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": name,
+            "choices": out_choices, "usage": usage}  # fmt: skip
+
+
+def _logprobs(state: Server, lps, chat: bool, top: int, text_offset: int = 0) -> dict:
+    """OpenAI's logprobs objects: chat's ``content`` list, or completions' parallel arrays."""
+    if chat:
+        def entry(tid: int, lp: float) -> dict:
+            t = state.token_text(tid)
+            return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+
+        return {"content": [{**entry(x.token_id, x.logprob), "top_logprobs": [entry(i, v) for i, v in x.top]} for x in lps]}
+    tokens = [state.token_text(x.token_id) for x in lps]
+    offsets, pos = [], text_offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [x.logprob for x in lps],
+        "top_logprobs": [{state.token_text(i): v for i, v in x.top} for x in lps] if top else None,
+        "text_offset": offsets,
+    }
+
+
+async def _stream_events(state: Server, pending: Pending, spec: Spec, rid: str, created: int, name: str, n: int,
+                         prompt_tokens: int, chat: bool) -> AsyncIterator[str]:  # fmt: skip
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    completion_tokens = 0
+    offsets: Counter[int] = Counter()
+
+    def event(choices: list[dict], **extra) -> str:
+        return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": name,
+                                      "choices": choices, **extra}, separators=(",", ":")) + "\n\n"  # fmt: skip
+
+    try:
+        if chat:
+            yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                         for i in range(len(spec.prompts) * n)])  # fmt: skip
+        while pending.left:
+            k, out = await pending.next()
+            index = k * n + out.index
+            completion_tokens += len(out.token_ids)
+            if out.finish_reason == "error":
+                yield "data: " + json.dumps(error_body(f"generation failed: {out.error}", "server_error")) + "\n\n"
+                continue
+            if out.finish_reason == "abort":
+                continue
+            lp = None
+            if spec.want_logprobs and out.logprobs:
+                lp = _logprobs(state, out.logprobs, chat, spec.fields["logprobs"], offsets[index])
+            if not out.text and lp is None and out.finish_reason is None:
+                continue
+            offsets[index] += len(out.text)
+            if chat:
+                delta = {"content": out.text} if out.text or out.finish_reason is None else {}
+                yield event([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}])
+            else:
+                yield event([{"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}])
+        if spec.include_usage:
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                     "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+            yield event([], usage=usage)
+        yield "data: [DONE]\n\n"
+    finally:
+        pending.abort()
+
+
+# --- metrics -------------------------------------------------------------------------------------
+def render_metrics(state: Server) -> str:
+    """Prometheus text exposition format (version 0.0.4)."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}")
+
+    reqs = sorted(state.requests.items())
+    metric("lmforge_http_requests_total", "counter", "HTTP requests by path and status code.",
+           [(f'{{path="{p}",status="{s}"}}', c) for (p, s), c in reqs])  # fmt: skip
+    e = state.engine
+    if e is not None:
+        st = e.stats()
+        metric("lmforge_requests_total", "counter", "Generation requests admitted by the engine.", [("", st["requests"])])
+        metric("lmforge_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", [("", st["prompt_tokens"])])
+        metric("lmforge_generation_tokens_total", "counter", "Tokens generated.", [("", st["generated_tokens"])])
+        metric("lmforge_generation_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.",
+               [("", float(st["tokens_per_second"]))])  # fmt: skip
+        metric("lmforge_queue_depth", "gauge", "Sequences waiting to be admitted.", [("", st["waiting"])])
+        metric("lmforge_running_sequences", "gauge", "Sequences in the running batch.", [("", st["running"])])
+        metric("lmforge_kv_blocks_in_use", "gauge", "KV cache blocks held by sequences.", [("", st["kv_blocks_used"])])
+        metric("lmforge_kv_blocks_total", "gauge", "KV cache blocks in the pool.", [("", st["kv_blocks_total"])])
+        metric("lmforge_prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
+               [("", st["prefix_cache_hit_tokens"])])  # fmt: skip
+        metric("lmforge_preemptions_total", "counter", "Sequences preempted (recomputed later) for lack of blocks.",
+               [("", st["preemptions"])])  # fmt: skip
+        metric("lmforge_failed_steps_total", "counter", "Engine steps that failed (their requests got errors).",
+               [("", st["failed_steps"])])  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+# --- building and running ------------------------------------------------------------------------
+def model_id(path: str | Path | None) -> str:
+    """The name a model is served under: its directory name or file stem."""
+    from lmforge.checkpoints import resolve
+
+    p = resolve(path)
+    return p.stem if p.is_file() else p.name
+
+
+def build_app(
+    model: str | Path | None = None,
+    *,
+    embedding_model: str | Path | None = None,
+    api_key: str | None = None,
+    max_queue: int = 1024,
+    kv_cache_gb: float = 1.0,
+    max_model_len: int | None = None,
+    max_num_seqs: int = 64,
+    dtype: torch.dtype = torch.float32,
+) -> FastAPI:
+    """Load the checkpoints and build the app (an encoder given as MODEL is served for embeddings)."""
+    from lmforge.checkpoints import load_model, resolve
+    from lmforge.tokenizer import load_tokenizer
+
+    generator = embedder = None
+    m = load_model(model, dtype=dtype)
+    if m.config.arch == "encoder" and embedding_model is None:
+        embedder = Embedder(m, load_tokenizer(resolve(model)), model_id(model))
+    else:
+        cfg = EngineConfig(kv_cache_gb=kv_cache_gb, max_queue=max_queue, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+        generator = Engine(m, load_tokenizer(resolve(model)), cfg)
+        if embedding_model is not None:
+            e = load_model(embedding_model, dtype=dtype)
+            embedder = Embedder(e, load_tokenizer(resolve(embedding_model)), model_id(embedding_model))
+    return create_app(generator, model_id(model) if generator else None, embedder=embedder, api_key=api_key)
+
+
+def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
+    """Build the app and run it with uvicorn until interrupted (see ``build_app`` for the options)."""
+    import uvicorn
+
+    app = build_app(model, **kwargs)
+    uvicorn.run(app, host=host, port=port, log_level="info")

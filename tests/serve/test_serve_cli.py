@@ -1,0 +1,35 @@
+"""`lmforge serve`: options, start-up errors, and the app it builds from a checkpoint directory."""
+
+import httpx
+import pytest
+from serve_helpers import running_server
+
+from lmforge.cli import build_parser, main
+from lmforge.serve.server import build_app
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny, tokenizer, tmp_path_factory):
+    return tiny.save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny-chat", tokenizer=tokenizer)
+
+
+def test_defaults_bind_loopback():
+    args = build_parser().parse_args(["serve"])
+    assert (args.model, args.host, args.port, args.api_key, args.max_queue) == (None, "127.0.0.1", 8000, None, 1024)
+
+
+def test_kv_cache_too_small_exits_with_one_sentence(checkpoint, capsys):
+    assert main(["serve", str(checkpoint), "--kv-cache-gb", "0.0001"]) == 2
+    err = capsys.readouterr().err
+    assert "lmforge serve: error:" in err and "cannot hold one full context of 512 tokens" in err
+    assert "Traceback" not in err
+
+
+def test_build_app_from_a_checkpoint_directory(checkpoint):
+    app = build_app(checkpoint, kv_cache_gb=0.02, api_key="k")
+    with running_server(app) as url:
+        headers = {"Authorization": "Bearer k"}
+        assert [m["id"] for m in httpx.get(url + "/v1/models", headers=headers).json()["data"]] == ["tiny-chat"]
+        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
