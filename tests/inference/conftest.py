@@ -83,7 +83,7 @@ def tiny_chat(tmp_path_factory, smol_tokenizer):
     torch.manual_seed(3)
     cfg = ModelConfig.from_name("smollm2-135m", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, d_ff=128, max_seq_len=512)
     model = build_model(cfg)
-    _perturb(model, 0.05)
+    _perturb(model, 0.2)
     path = tmp_path_factory.mktemp("chat")
     model.save_pretrained(path, tokenizer=smol_tokenizer)
     return path, load_model(path)

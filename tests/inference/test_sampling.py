@@ -163,11 +163,9 @@ def test_penalties():
 
 
 # --- detokenizer ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tok():
-    from lmforge.tokenizer import load_tokenizer
-
-    return load_tokenizer()  # the bundled SmolLM2 byte-level BPE
+@pytest.fixture
+def tok(smol_tokenizer):
+    return smol_tokenizer  # the bundled SmolLM2 byte-level BPE (conftest.py)
 
 
 TEXT = "Héllo wörld, 日本語のテキスト 🎉🎉 naïve café. STOP now. END"

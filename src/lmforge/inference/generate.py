@@ -22,6 +22,7 @@ tokens (``cumsum(mask) - 1``), so a prompt gets the same tokens alone or in a ba
 
 from __future__ import annotations
 
+import time
 import types
 import weakref
 from collections.abc import Iterator, Sequence
@@ -286,8 +287,9 @@ class _Row:
         return piece
 
 
-def sample_tokens(runner, rows: list[_Row]) -> Iterator[tuple[int, str]]:
-    """Generate until every row is finished; yields (row index, text piece) as text becomes certain."""
+def sample_tokens(runner, rows: list[_Row], timing: dict | None = None) -> Iterator[tuple[int, str]]:
+    """Generate until every row is finished; yields (row index, text piece) as text becomes certain.
+    ``timing`` (if given) receives prefill_s (prompt to first token), decode_s and decode_steps."""
     params = [r.params for r in rows]
     device = runner.model.device
     batch = SamplingBatch.from_params(params, device)
@@ -297,7 +299,9 @@ def sample_tokens(runner, rows: list[_Row]) -> Iterator[tuple[int, str]]:
         V = runner.model.config.vocab_size
         counts = torch.zeros(len(rows), V, dtype=torch.int32, device=device)
         prompt_mask = count_tokens([r.prompt for r in rows], V, device) > 0
+    start = time.perf_counter()
     logits = runner.prefill()
+    steps = 0
     while True:
         raw = logits
         if counts is not None:
@@ -316,11 +320,16 @@ def sample_tokens(runner, rows: list[_Row]) -> Iterator[tuple[int, str]]:
             piece = row.accept(ids[i])
             if piece:
                 yield i, piece
+        if steps == 0:
+            first = time.perf_counter()
         if all(r.finish_reason is not None for r in rows):
-            return
+            break
         if counts is not None:
             add_tokens(counts, out.token_ids)
         logits = runner.extend(out.token_ids[:, None])
+        steps += 1
+    if timing is not None:
+        timing.update(prefill_s=first - start, decode_s=time.perf_counter() - first, decode_steps=steps)
 
 
 # --- beam search ---------------------------------------------------------------------------------
@@ -532,8 +541,9 @@ class Generator:
             return
         max_new = max(r.max_new for r in rows)
         runner = make_runner(self.model, [r.prompt for r in rows], max_new, use_cache=use_cache, step=self.step)
+        self.last_timing = {}
         try:
-            yield from sample_tokens(runner, rows)
+            yield from sample_tokens(runner, rows, self.last_timing)
         finally:
             runner.close()
 
