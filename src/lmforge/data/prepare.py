@@ -281,8 +281,7 @@ def prepare(
             raise DataError(f"the corpus has only {n_tokens} token; it needs at least two for a train/val split.")
 
         all_tokens = np.memmap(stream_path, dtype=dtype, mode="r", shape=(n_tokens,))
-        n_val = min(max(1, int(round(n_tokens * val_fraction))), n_tokens - 1)
-        n_train = n_tokens - n_val  # nanoGPT: data[:int(n*0.9)] train, the rest val
+        n_train = min(max(1, int(n_tokens * (1 - val_fraction))), n_tokens - 1)  # nanoGPT: data[:int(n*0.9)]
         splits = {}
         for split, lo, hi in (("train", 0, n_train), ("val", n_train, n_tokens)):
             shards = []

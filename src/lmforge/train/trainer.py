@@ -156,7 +156,7 @@ def resolve_model_config(model: ModelConfig | dict | None, tokenizer, cfg: Train
         )
     need = ARCH_OF[cfg.objective]
     if mc.arch != need:
-        raise ConfigError(f"objective={cfg.objective} trains a {need} model but the model config is a {mc.arch}; change one of them.")
+        raise ConfigError(f"objective={cfg.objective} needs arch={need} but the model config has arch={mc.arch}; change one of them.")
     if cfg.objective == "mlm" and mc.head != "mlm":
         raise ConfigError("objective=mlm needs the encoder's MLM head; set head: mlm in the model section.")
     block = cfg.block_size or mc.max_seq_len
