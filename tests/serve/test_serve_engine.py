@@ -68,6 +68,15 @@ def test_greedy_matches_lmforge_generate(tiny, tokenizer):
     assert engine.blocks.num_used == 0
 
 
+def test_a_tiny_step_budget_gives_the_same_tokens(tiny, tokenizer):
+    # budget 4: three 1-token prompts decode beside one-token slices of a long prompt
+    prompts = [tokenizer.encode("a"), tokenizer.encode("b"), tokenizer.encode("c"), tokenizer.encode("one two three four five")]
+    params = greedy(6, ignore_eos=True)
+    roomy = Engine(tiny, tokenizer, EngineConfig(kv_cache_gb=0.01, block_size=4))
+    tight = Engine(tiny, tokenizer, EngineConfig(kv_cache_gb=0.01, block_size=4, max_num_batched_tokens=4))
+    assert [r[0].token_ids for r in tight.generate(prompts, params)] == [r[0].token_ids for r in roomy.generate(prompts, params)]
+
+
 def test_chunked_prefill_does_not_stall_decodes(tiny, tokenizer):
     engine = Engine(tiny, tokenizer, EngineConfig(kv_cache_gb=0.01, block_size=8, max_num_batched_tokens=16))
     got: dict[str, int] = {}

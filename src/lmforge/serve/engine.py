@@ -372,7 +372,10 @@ class Engine:
             bm.grow(seq.table, seq.num_computed + n)
             self.waiting.popleft()
             self.running.append(seq)
-            (decodes.append(seq) if n == 1 else prefills.append((seq, n)))
+            if n == seq.remaining == 1:  # only the last prompt token left (the rest was cached)
+                decodes.append(seq)
+            else:
+                prefills.append((seq, n))
             budget -= n
         # 4. nothing could run (every running prompt waits for blocks): preempt the newest and retry
         if not decodes and not prefills and len(self.running) > 1:

@@ -140,6 +140,14 @@ def _decode_mask(lens: torch.Tensor, L: int, window: int | None) -> torch.Tensor
     return None if bool(valid.all()) else valid[:, None, None, :]
 
 
+def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Keys or values of the slots (B, L) as a contiguous (B, H_kv, L, D) tensor. ``index_select``
+    on the flattened slots is far faster on CPU than advanced indexing with a 2-D index."""
+    B, L = slots.shape
+    g = pool.index_select(0, slots.reshape(-1)).view(B, L, *pool.shape[1:])  # (B, L, H_kv, D)
+    return g.transpose(1, 2).contiguous()
+
+
 def _attention(attn, x, layer: int, cache: PagedKVCache, step: StepInput, rope, decode_mask, chunk_masks) -> torch.Tensor:
     """Self-attention of one layer over the packed tokens x (N, C), reading/writing the paged pool."""
     N = x.shape[0]
@@ -155,8 +163,7 @@ def _attention(attn, x, layer: int, cache: PagedKVCache, step: StepInput, rope, 
     nd = step.num_decodes
     if nd:
         qd = q[:nd].unsqueeze(2)  # (B, H, 1, D)
-        kd = k_pool[step.decode_slots].transpose(1, 2)  # (B, L, H_kv, D) -> (B, H_kv, L, D)
-        vd = v_pool[step.decode_slots].transpose(1, 2)
+        kd, vd = _gather(k_pool, step.decode_slots), _gather(v_pool, step.decode_slots)  # (B, H_kv, L, D)
         y = attend(qd, kd, vd, mask=decode_mask, scale=attn.scale, impl=attn.impl)  # (B, H, 1, D)
         outs.append(y.reshape(nd, H * D))
     for c, mask in zip(step.chunks, chunk_masks):
@@ -167,8 +174,7 @@ def _attention(attn, x, layer: int, cache: PagedKVCache, step: StepInput, rope, 
             y = attend(qc, kc, vc, is_causal=True, scale=attn.scale, impl=attn.impl)
         else:
             ks = c.k_slots if c.k_slots is not None else step.slots[c.offset : c.offset + c.length]
-            kc = k_pool[ks].transpose(0, 1)[None]  # (1, H_kv, L, D)
-            vc = v_pool[ks].transpose(0, 1)[None]
+            kc, vc = _gather(k_pool, ks[None]), _gather(v_pool, ks[None])  # (1, H_kv, L, D)
             y = attend(qc, kc, vc, mask=mask, scale=attn.scale, impl=attn.impl)
         outs.append(y[0].transpose(0, 1).reshape(c.length, H * D))
     y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
