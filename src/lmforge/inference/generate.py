@@ -84,6 +84,7 @@ def compile_decode_step(**compile_kwargs):
 
 
 _compile_ids = iter(range(1 << 62))
+CACHE_BUCKET = 256  # compiled decoding rounds cache sizes up to a multiple of this
 
 
 class DecoderRunner:
@@ -102,6 +103,8 @@ class DecoderRunner:
         B, T = len(prompts), int(lens.max())
         self.prompt_len = T
         self.max_len = T + max_new_tokens + extra_slots
+        if isinstance(step, CompiledStep):  # compiled: a few cache sizes, so a few graphs serve every call
+            self.max_len = max(self.max_len, min(-(-self.max_len // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_seq_len))
         ids = torch.zeros(B, T, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
             ids[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long, device=device)
@@ -110,7 +113,9 @@ class DecoderRunner:
         self.prompt_ids = ids
         self.next_pos = lens.clone()  # (B,) position of the next token of each row
         self.cur = 0  # next cache slot
-        if use_cache:
+        if use_cache and isinstance(step, CompiledStep):
+            step.attach_cache(model, B, self.max_len)
+        elif use_cache:
             model.setup_cache(B, self.max_len)
         else:
             self.seq = ids  # (B, t) everything so far
@@ -629,6 +634,16 @@ class CompiledStep:
 
     def __init__(self, mode: str = "max-autotune-no-cudagraphs"):
         self.fn = compile_decode_step(mode=mode, fullgraph=True, dynamic=False)
+        self.caches: dict[tuple[int, int], torch.nn.ModuleList] = {}
+
+    def attach_cache(self, model, batch: int, max_len: int) -> None:
+        """Give the model this step's cache of that shape. Compiled graphs guard on the identity of
+        the buffers they write, so each shape keeps one cache for good (a new one would recompile)."""
+        key = (batch, max_len)
+        if key not in self.caches:
+            model.setup_cache(batch, max_len)
+            self.caches[key] = model.stack.caches
+        model.stack.caches = self.caches[key]
 
     def __call__(self, model, ids, position_ids, input_pos, mask):
         import torch._inductor.config as inductor_config

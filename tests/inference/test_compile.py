@@ -1,0 +1,43 @@
+"""compile=True: the compiled decode step gives the eager tokens, keeps one graph per shape across
+calls, and never runs one model on another's frozen weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge import ModelConfig
+from lmforge.inference import Generator, complete
+from lmforge.models import build_model
+
+pytestmark = pytest.mark.slow  # inductor compiles take tens of seconds on a small CPU
+
+
+def _model(seed: int):
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_name("smollm2-135m", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, d_ff=128,
+                                max_seq_len=512, vocab_size=300)  # fmt: skip
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def test_compiled_equals_eager_and_models_keep_their_own_weights():
+    from torch._dynamo.utils import counters
+
+    m1, m2 = _model(0), _model(1)  # same shapes, different weights
+    g1, g2 = Generator(m1, compile=True), Generator(m2, compile=True)
+    prompts = [[5, 17, 42, 8, 3], [9, 9, 1, 2, 3, 4, 5, 6]]
+    kw = dict(max_new_tokens=24, temperature=0, ignore_eos=True)
+    eager1 = [complete(m1, None, p, **kw).token_ids for p in prompts]
+    eager2 = [complete(m2, None, p, **kw).token_ids for p in prompts]
+    assert eager1 != eager2
+    assert [g1.complete(p, **kw).token_ids for p in prompts] == eager1
+    graphs = counters["stats"]["unique_graphs"]
+    assert [g2.complete(p, **kw).token_ids for p in prompts] == eager2  # not m1's frozen weights
+    assert [g1.complete(p, **kw).token_ids for p in prompts] == eager1  # eager runs between do not disturb it
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # m2 compiled once; m1 reused its graph
+    batch = g1.complete(prompts, **kw)
+    assert [c.token_ids for c in batch] == eager1  # batch 2: another graph, same tokens
