@@ -87,3 +87,16 @@ def tiny_chat(tmp_path_factory, smol_tokenizer):
     path = tmp_path_factory.mktemp("chat")
     model.save_pretrained(path, tokenizer=smol_tokenizer)
     return path, load_model(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory):
+    """Mistral with a sliding window of 8 positions (prompts + generations run far past it)."""
+    torch.manual_seed(4)
+    T = transformers
+    cfg = T.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128, sliding_window=8, eos_token_id=96,
+                          bos_token_id=95)  # fmt: skip
+    hf = T.MistralForCausalLM(cfg)
+    _perturb(hf, 0.3)
+    return _save(hf, tmp_path_factory.mktemp("mistral"))

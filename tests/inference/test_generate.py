@@ -35,6 +35,23 @@ def test_greedy_is_token_identical_to_transformers(fixture, request):
     assert len(seen) > 8  # a real walk through the vocabulary, not one repeated token
 
 
+def test_sliding_window_generation_matches_transformers(tiny_mistral):
+    hf, ours = tiny_mistral
+    assert ours.config.sliding_window == 8
+    unwindowed = type(ours)(ours.config.replace(sliding_window=None))
+    unwindowed.load_state_dict(ours.state_dict())
+    differs = False
+    for prompt in PROMPTS:
+        got = complete(ours, None, prompt, max_new_tokens=48, temperature=0, ignore_eos=True).token_ids
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=0)
+        theirs = out[0, len(prompt) :].tolist()
+        assert got == theirs
+        assert complete(ours, None, prompt, max_new_tokens=48, temperature=0, ignore_eos=True, use_cache=False).token_ids == got
+        differs |= complete(unwindowed.eval(), None, prompt, max_new_tokens=48, temperature=0, ignore_eos=True).token_ids != got
+    assert differs  # the window does change the tokens: the test would catch a cache that ignored it
+
+
 def test_batched_greedy_equals_transformers_left_padded(tiny_gpt2):
     hf, ours = tiny_gpt2
     got = complete(ours, None, PROMPTS, max_new_tokens=40, temperature=0, ignore_eos=True)
