@@ -585,15 +585,16 @@ class Generator:
 
     def stream(self, prompt, *, chat: bool = False, use_cache: bool = True, **params) -> Iterator[str]:
         """Text pieces of one completion as they are generated; each is whole UTF-8 characters,
-        and together they are exactly ``generate``'s text."""
+        and together they are exactly ``generate``'s text. Bad input raises here, not mid-stream."""
         sp = make_params(**params)
         items, batched = split_batch(prompt)
         if batched or sp.n != 1:
             raise PromptError("stream() follows one prompt with n=1; use generate() for batches and several samples.")
         if self.tokenizer is None:
             raise PromptError("stream() yields text and needs a tokenizer.")
-        for _, piece in self.run([self.encode(items[0], chat)], sp, use_cache):
-            yield piece
+        ids = self.encode(items[0], chat)
+        self._check_prompt(ids)
+        return (piece for _, piece in self.run([ids], sp, use_cache))
 
     def _beam(self, prompts, sp: SamplingParams, num_beams, length_penalty, early_stopping, use_cache):
         if sp.top_k or sp.top_p < 1 or sp.min_p or sp.uses_penalties or sp.logprobs:
@@ -664,15 +665,19 @@ _prepared: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _generator(model, tokenizer, compile, quantize, draft_model, num_draft_tokens) -> Generator:
-    """Generators are cached per model and options, so compiling or quantising happens once."""
-    if not compile and quantize is None:
-        return Generator(model, tokenizer, draft_model=draft_model, num_draft_tokens=num_draft_tokens)
-    per_model = _prepared.setdefault(model, {})
-    key = (compile, quantize)
-    if key not in per_model:
-        per_model[key] = Generator(model, None, compile=compile, quantize=quantize)
-    g = per_model[key]
-    g.tokenizer, g.draft_model, g.num_draft_tokens = tokenizer, draft_model, num_draft_tokens
+    """A Generator for the call. What is costly to prepare (the quantised copy, the compiled step)
+    is kept per model and options, so it happens once; neither refers back to the model, so the
+    entry goes when the model does."""
+    prepared, step = None, None
+    if compile or quantize is not None:
+        per_model = _prepared.setdefault(model, {})
+        key = (compile, quantize)
+        if key not in per_model:
+            g = Generator(model, compile=compile, quantize=quantize)
+            per_model[key] = (g.model if quantize is not None else None, g.step)
+        prepared, step = per_model[key]
+    g = Generator(prepared if prepared is not None else model, tokenizer, draft_model=draft_model, num_draft_tokens=num_draft_tokens)
+    g.step = step
     return g
 
 
