@@ -149,3 +149,51 @@ def test_an_existing_run_needs_resume(tmp_path, char_data, capsys):
     pretrain(r.train, r.model, char_data, tmp_path / "run")
     rc = main(["pretrain", str(CHAR_RECIPE), "--data", str(char_data), "--out", str(tmp_path / "run"), *TINY])
     assert rc == 2 and "pass --resume" in capsys.readouterr().err
+
+
+def step_losses(run):
+    return [r["loss"] for r in read_metrics(run) if "loss" in r]
+
+
+def test_activation_checkpointing_and_bf16_autocast(tmp_path, char_data):
+    base = ["--max_iters=6", "--log_interval=1", "--eval_interval=0", "--eval_iters=2"]
+    runs = {}
+    for name, extra in [("plain", []), ("ckpt", ["--activation_checkpointing=true"]), ("bf16", ["--dtype=bfloat16"])]:
+        r = recipe(*base, *extra)
+        pretrain(r.train, r.model, char_data, tmp_path / name)
+        runs[name] = step_losses(tmp_path / name)
+    assert runs["ckpt"] == runs["plain"]  # recomputing activations changes nothing
+    assert runs["bf16"] != runs["plain"] and max(abs(a - b) for a, b in zip(runs["bf16"], runs["plain"])) < 2e-2
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_the_same(tmp_path, char_data):
+    base = ["--max_iters=3", "--log_interval=1", "--eval_interval=0", "--eval_iters=1"]
+    for name, extra in [("eager", []), ("compiled", ["--compile=true"])]:
+        r = recipe(*base, *extra)
+        pretrain(r.train, r.model, char_data, tmp_path / name)
+    assert step_losses(tmp_path / "compiled") == pytest.approx(step_losses(tmp_path / "eager"), abs=1e-4)
+
+
+def test_metrics_go_to_tensorboard_when_installed(tmp_path, char_data, monkeypatch):
+    import sys
+    import types
+
+    scalars = []
+
+    class SummaryWriter:  # stands in for tensorboard's, which is optional
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, value, step))
+
+        def close(self):
+            scalars.append(("closed", None, None))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    r = recipe("--max_iters=4", "--log_interval=2", "--eval_interval=4", "--eval_iters=1", "--tensorboard=true")
+    pretrain(r.train, r.model, char_data, tmp_path / "run")
+    assert ("loss", step_losses(tmp_path / "run")[0], 2) in scalars
+    assert {t for t, _, s in scalars if s == 4} >= {"loss", "lr", "tok_s", "val_loss", "val_ppl"}
+    assert scalars[-1][0] == "closed"

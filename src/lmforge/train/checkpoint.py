@@ -129,8 +129,8 @@ def save_checkpoint(
     finally:
         quiet.__exit__(None, None, None)
     rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else torch.cuda.get_rng_state()
+    if ctx.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
     torch.save(rng, tmp / f"rng-rank{ctx.rank}.pt")
     ctx.barrier()
 

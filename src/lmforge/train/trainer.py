@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -76,22 +77,24 @@ def _fingerprint(files: list[Path], cfg: TrainConfig) -> dict:
 
 
 def _on_main(ctx: DistContext, fn):
-    """Run ``fn`` on rank 0 only; every process raises the same UserError if it fails there."""
-    error = None
+    """Run ``fn`` on rank 0 only; if it fails there, every process fails too (none is left waiting)."""
+    failure, original = None, None
     if ctx.is_main:
         try:
             fn()
-        except UserError as e:
-            error = (type(e), str(e))
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            failure, original = (isinstance(e, UserError), str(e)), e
     if ctx.distributed:
         import torch.distributed as dist
 
-        box = [error]
+        box = [failure]
         dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        kind, message = error
-        raise (kind if issubclass(kind, UserError) else UserError)(message)
+        failure = box[0]
+    if original is not None:
+        raise original
+    if failure is not None:
+        is_user, message = failure
+        raise UserError(message) if is_user else RuntimeError(f"rank 0 failed while preparing the data: {message}")
 
 
 def load_data(data: Any, cfg: TrainConfig, out_dir: Path, ctx: DistContext, *, resume: bool) -> TokenData:
@@ -212,6 +215,10 @@ class Trainer:
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         ctx.barrier()
+        if ctx.is_main:  # partial checkpoints of a killed run: never listed, now removed
+            for partial in ckpt_io.checkpoint_root(self.out).glob(".tmp-step-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        ctx.barrier()
         existing = ckpt_io.latest_checkpoint(self.out)
         if existing is not None and not resume:
             raise UserError(f"{self.out} already holds a run (checkpoint {existing.name}); pass --resume to continue it or choose another --out.")
@@ -294,7 +301,8 @@ class Trainer:
             torch.manual_seed(mix_seed(cfg.seed, _DROPOUT_SALT, ctx.rank))  # dropout differs per process
 
         self.log = MetricsLog(self.out, resume_step=self.step if self.ckpt else None, tensorboard=cfg.tensorboard) if ctx.is_main else None
-        previous = read_metrics(self.out) if (ctx.is_main and self.ckpt) else []
+        # what the run logged up to its checkpoint (every process reads it: they must agree on the last evaluation)
+        previous = [r for r in read_metrics(self.out) if r.get("step", 0) <= self.step] if self.ckpt else []
         vals = [r["val_loss"] for r in previous if "val_loss" in r]
         self.best_val = min(vals) if vals else None
         self.last_eval: dict | None = next((r for r in reversed(previous) if "val_loss" in r), None)
@@ -460,8 +468,6 @@ class Trainer:
 
     def _export(self) -> None:
         """The final model as a Hugging Face directory at the run's top level (``load_model(out_dir)``)."""
-        import shutil
-
         latest = ckpt_io.latest_checkpoint(self.out)
         if self.ctx.is_main and latest is not None:
             for name in os.listdir(latest):
