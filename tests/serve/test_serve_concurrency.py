@@ -37,7 +37,7 @@ def test_64_clients_x_4_requests(tiny, tokenizer):
                         call = client.chat.completions.create
                     else:
                         kw = dict(model=MODEL, prompt=words, max_tokens=max_tokens, temperature=rng.choice([0.0, 0.8]),
-                                  top_p=0.9)  # fmt: skip
+                                  extra_body={"top_k": 40})  # fmt: skip
                         call = client.completions.create
                     if not stream:
                         r = await call(**kw)

@@ -143,7 +143,9 @@ def test_bad_requests_get_openai_errors(server):
     error_of(httpx.post(chat, json=[1, 2]), 400)
     assert error_of(httpx.post(chat, json={**ok, "temperature": -1}), 400)["param"] == "temperature"
     assert error_of(httpx.post(chat, json={**ok, "max_tokens": "ten"}), 400)["param"] == "max_tokens"
-    assert error_of(httpx.post(chat, json={**ok, "top_p": 0}), 400)["message"].startswith("top_p")
+    assert error_of(httpx.post(chat, json={**ok, "top_p": 0}), 400)["param"] == "top_p"
+    assert error_of(httpx.post(chat, json={**ok, "top_logprobs": 2}), 400)["param"] == "top_logprobs"
+    assert error_of(httpx.post(chat, json={**ok, "stop": [""]}), 400)["param"] == "stop"
     assert error_of(httpx.post(chat, json={**ok, "n": 0}), 400)["param"] == "n"
     assert error_of(httpx.post(chat, json={**ok, "temprature": 0.5}), 400)["param"] == "temprature"
     assert error_of(httpx.post(chat, json={**ok, "tools": [{"type": "function"}]}), 400)["param"] == "tools"

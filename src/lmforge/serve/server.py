@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import json
 import logging
@@ -458,9 +459,9 @@ def create_app(
         top = body.get("top_logprobs", "int", lo=0, hi=MAX_LOGPROBS)
         if top is not None and not want:
             raise bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
+        legacy = body.get("max_tokens", "int")  # deprecated by OpenAI, still what most clients send
         mct = body.get("max_completion_tokens", "int")
-        max_tokens = mct if mct is not None else body.get("max_tokens", "int")
-        body.ignore("max_tokens")
+        max_tokens = mct if mct is not None else legacy
         body.unsupported("tools", "functions", allowed=lambda v: not v)
         body.unsupported("tool_choice", "function_call", allowed=lambda v: v in (None, "none"))
         body.unsupported("parallel_tool_calls", allowed=lambda v: True)
@@ -540,6 +541,7 @@ def _embedding_inputs(value: Any, embedder: Embedder) -> list[list[int]]:
 
 
 # --- generation ----------------------------------------------------------------------------------
+SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 async def _generate(request: Request, state: Server, spec: Spec, name: str, *, chat: bool, default_max: int | None):
     engine = state.engine
     pending = Pending(engine)
@@ -550,9 +552,14 @@ async def _generate(request: Request, state: Server, spec: Spec, name: str, *, c
     except QueueFullError as e:
         pending.abort()
         raise APIError(429, str(e), None, "queue_full", "rate_limit_error") from None
-    except (ContextLengthError, SamplingError) as e:
+    except ContextLengthError as e:
         pending.abort()
         raise bad(str(e), "messages" if chat else "prompt") from None
+    except SamplingError as e:  # a parameter's message starts with its name; the rest are about the prompt
+        pending.abort()
+        field = str(e).split(" ", 1)[0]
+        param = field if field in SAMPLING_FIELDS else "messages" if chat else "prompt"
+        raise bad(str(e).replace("max_new_tokens", "max_tokens"), param.replace("max_new_tokens", "max_tokens")) from None
     n = params[0].n
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
