@@ -1,5 +1,7 @@
 """nanoGPT's CPU recipe end to end: character-level Shakespeare to a validation loss of at most 1.88."""
 
+import json
+
 import pytest
 
 from lmforge.cli import main
@@ -18,3 +20,4 @@ def test_shakespeare_char_reaches_nanogpts_loss(tmp_path):
     assert [e["step"] for e in evals] == list(range(0, 2001, 250))
     assert evals[-1]["val_loss"] <= 1.88, evals[-1]
     assert (out / "loss.png").is_file() and (out / "model.safetensors").is_file()
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
