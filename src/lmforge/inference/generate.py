@@ -128,6 +128,7 @@ class DecoderRunner:
         position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)  # padding does not count
         if self.use_cache:
             input_pos = torch.arange(T, device=mask.device)
+            self._read_slots(T)
             h = self.model.hidden(self.prompt_ids, attention_mask=self.slot_mask, position_ids=position_ids, input_pos=input_pos)
             logits = self.model.lm_head(h[:, -1])
         else:
@@ -144,6 +145,7 @@ class DecoderRunner:
         position_ids = self.next_pos[:, None] + torch.arange(t, device=tokens.device)  # (B, t)
         if self.use_cache:
             input_pos = torch.arange(self.cur, self.cur + t, device=tokens.device)
+            self._read_slots(self.cur + t)
             if t == 1 and not all_logits:
                 logits = self.step(self.model, tokens, position_ids, input_pos, self.slot_mask)
             else:
@@ -157,6 +159,12 @@ class DecoderRunner:
         self.cur += t
         self.next_pos = self.next_pos + t
         return logits
+
+    def _read_slots(self, n: int) -> None:
+        """Eager steps attend to the n slots written so far; compiled ones to the whole static buffer."""
+        if not isinstance(self.step, CompiledStep):
+            for cache in self.model.stack.caches:
+                cache.length = n
 
     def rewind(self, n: int) -> None:
         """Forget the last n fed tokens (speculative decoding); their slots are rewritten later."""
@@ -208,6 +216,7 @@ class Seq2SeqRunner:
     def prefill(self) -> torch.Tensor:
         self.memory = self.model.encode(self.src, self.src_mask)
         if self.use_cache:
+            self._read_slots(1)
             logits = self.model.decode(self.seq, self.memory, self.src_mask, input_pos=torch.arange(1, device=self.seq.device))
         else:
             logits = self.model.decode(self.seq, self.memory, self.src_mask)
@@ -219,12 +228,17 @@ class Seq2SeqRunner:
         t = tokens.shape[1]
         if self.use_cache:
             input_pos = torch.arange(self.cur, self.cur + t, device=tokens.device)
+            self._read_slots(self.cur + t)
             out = self.model.decode(tokens, None, self.src_mask, input_pos=input_pos)
         else:
             self.seq = torch.cat([self.seq, tokens], dim=1)
             out = self.model.decode(self.seq, self.memory, self.src_mask)[:, -t:]
         self.cur += t
         return out if all_logits else out[:, -1]
+
+    def _read_slots(self, n: int) -> None:
+        for cache in self.model.decoder.caches:  # self-attention only; the cross-attention cache is whole
+            cache.length = n
 
     def rewind(self, n: int) -> None:
         self.cur -= n

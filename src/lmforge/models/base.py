@@ -79,7 +79,13 @@ class Stack(nn.Module):
         if use_cache and self.caches is None:
             raise RuntimeError("input_pos given but no KV cache is set up: call model.setup_cache(batch, max_len) first.")
         q_pos = input_pos if use_cache else torch.arange(T, device=h.device)
-        k_pos = torch.arange(self.caches[0].k.shape[2], device=h.device) if use_cache else q_pos
+        if use_cache:  # keys: the cache slots attention reads (all, or the first `length` in eager decoding)
+            n_slots = self.caches[0].length or self.caches[0].k.shape[2]
+            k_pos = torch.arange(n_slots, device=h.device)
+            if attention_mask is not None and attention_mask.shape[1] > n_slots:
+                attention_mask = attention_mask[:, :n_slots]
+        else:
+            k_pos = q_pos
         if position_ids is None:
             position_ids = q_pos[None].expand(B, T)
         rope = self.rope(position_ids) if self.rope is not None else None

@@ -107,7 +107,9 @@ class KVCache(nn.Module):
     """Preallocated keys and values of one layer, holding only the KV heads (GQA).
 
     ``update(input_pos, k, v)`` writes the new positions in place and returns the whole buffers:
-    no allocation per step, and shapes stay static (what ``torch.compile`` wants).
+    no allocation per step, and shapes stay static (what ``torch.compile`` wants). Eager decoding
+    may set ``length`` to the number of slots written so far: attention then reads only those
+    (a view, still no allocation) instead of the whole buffer.
     """
 
     def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype=torch.float32, device=None):
@@ -115,11 +117,14 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.length: int | None = None  # slots attention reads (the first `length`); None: all of them
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+        if self.length is None:
+            return self.k, self.v
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
 
 # --- multi-head attention ------------------------------------------------------------------------
