@@ -101,7 +101,7 @@ class DecoderRunner:
         device = model.device
         lens = torch.tensor([len(p) for p in prompts], device=device)
         B, T = len(prompts), int(lens.max())
-        self.prompt_len = T
+        self.batch_size, self.prompt_len = B, T
         self.max_len = T + max_new_tokens + extra_slots
         if isinstance(step, CompiledStep):  # compiled: a few cache sizes, so a few graphs serve every call
             self.max_len = max(self.max_len, min(-(-self.max_len // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_seq_len))
@@ -198,6 +198,7 @@ class Seq2SeqRunner:
         self.model, self.use_cache = model, use_cache
         device = model.device
         B, S = len(prompts), max(len(p) for p in prompts)
+        self.batch_size = B
         src = torch.full((B, S), cfg.pad_token_id or 0, dtype=torch.long, device=device)
         self.src_mask = torch.zeros(B, S, dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):  # right padding, as T5's tokenizer does
@@ -364,7 +365,7 @@ def beam_search(runner, num_beams: int, max_new_tokens: int, eos_ids: set[int], 
     (tokens, score) pairs, best first.
     """
     K = num_beams
-    B = runner.slot_mask.shape[0] // K if hasattr(runner, "slot_mask") else runner.src_mask.shape[0] // K
+    B = runner.batch_size // K
     device = runner.model.device
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     keep = max(2, 1 + len(eos)) * K  # enough candidates that K stay running when some end
