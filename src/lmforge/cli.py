@@ -116,6 +116,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
                     raise
                 history = history[2:]
                 print("(oldest turn dropped: the conversation outgrew the context)", file=sys.stderr)
+            except KeyboardInterrupt:  # Ctrl-C ends the reply, not the chat
+                print("\n(reply interrupted)", file=sys.stderr)
+                break
         history.append({"role": "assistant", "content": gen.last_completions[0].text})
 
 
@@ -129,13 +132,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)  # fmt: skip
 
 
-def _add_generation_options(s: argparse.ArgumentParser) -> None:
+def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
     s.add_argument("model", nargs="?", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     s.add_argument("--system", default=None, help="system message (chat template)")
     s.add_argument("--max-new-tokens", type=int, default=512)
-    s.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default: 0.2, SmolLM2's recommendation)")
+    s.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature:g})")
     s.add_argument("--top-k", type=int, default=0, help="0 = off")
-    s.add_argument("--top-p", type=float, default=0.9, help="1 = off")
+    s.add_argument("--top-p", type=float, default=top_p, help=f"1 = off (default: {top_p:g})")
     s.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     s.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     s.add_argument("--seed", type=int, default=None)
@@ -195,14 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1337)
     s.set_defaults(func=cmd_sample)
 
-    s = sub.add_parser("generate", help="stream a completion of a prompt to the terminal")
-    _add_generation_options(s)
+    s = sub.add_parser("generate", help="stream a completion of a prompt to the terminal (greedy unless --temperature)")
+    _add_generation_options(s, temperature=0.0, top_p=1.0)
     s.add_argument("-p", "--prompt", required=True, help="the prompt text")
     s.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", help="interactive chat through the model's chat template (/reset, /exit)")
-    _add_generation_options(s)
+    _add_generation_options(s, temperature=0.2, top_p=0.9)  # SmolLM2's recommended sampling
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching over a paged KV cache")

@@ -10,7 +10,7 @@ from lmforge.inference import generate
 
 def test_generate_streams_the_completion(tiny_chat, smol_tokenizer, capsys):
     path, model = tiny_chat
-    assert main(["generate", str(path), "-p", "Hello there", "--max-new-tokens", "12", "--temperature", "0"]) == 0
+    assert main(["generate", str(path), "-p", "Hello there", "--max-new-tokens", "12"]) == 0  # greedy by default
     out, err = capsys.readouterr()
     assert out == generate(model, smol_tokenizer, "Hello there", max_new_tokens=12, temperature=0) + "\n"
     assert "tokens/s" in err
