@@ -49,3 +49,23 @@ def test_quantize_model_swaps_every_linear_and_leaves_the_original(tiny_gpt2):
 def test_unknown_scheme_is_a_clear_error(tiny_gpt2):
     with pytest.raises(QuantizeError, match="int8"):
         quantize_model(tiny_gpt2[1], "int3")
+
+
+def test_prepared_weights_follow_training(tiny_gpt2):
+    """A quantised (or compiled) snapshot must not outlive the weights it was taken from."""
+    import copy
+
+    from lmforge.inference import Generator, StaleWeightsError, complete
+
+    model = copy.deepcopy(tiny_gpt2[1])
+    kw = dict(max_new_tokens=12, temperature=0, ignore_eos=True)
+    before = complete(model, None, [5, 17, 42], quantize="int8", **kw).token_ids  # cached per model
+    gen = Generator(model, quantize="int8")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.5)  # an in-place update, as an optimizer step makes
+    with pytest.raises(StaleWeightsError, match="new Generator"):
+        gen.complete([5, 17, 42], **kw)
+    after = complete(model, None, [5, 17, 42], quantize="int8", **kw).token_ids  # the cache noticed
+    assert after == Generator(model, quantize="int8").complete([5, 17, 42], **kw).token_ids
+    assert after != before

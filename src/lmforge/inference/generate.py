@@ -50,6 +50,16 @@ class PromptError(UserError, ValueError):
     """A prompt that cannot be generated from (empty, too long, wrong type); the message says why."""
 
 
+class StaleWeightsError(UserError, RuntimeError):
+    """The model's weights changed after a Generator quantised or compiled (froze) them."""
+
+
+def weights_version(model) -> int:
+    """A number that grows whenever any parameter is modified in place (optimizer steps,
+    load_state_dict, ...): the sum of the tensors' version counters."""
+    return sum(p._version for p in model.parameters())
+
+
 @dataclass
 class Completion:
     """One generated sequence."""
@@ -453,6 +463,8 @@ class Generator:
                  draft_model=None, num_draft_tokens: int = 4):  # fmt: skip
         if model.config.arch == "encoder":
             raise PromptError("an encoder-only model cannot generate text: use a decoder or encoder-decoder checkpoint.")
+        # quantising copies the weights and compiling freezes them: remember which weights those were
+        self._source = (model, weights_version(model)) if compile or quantize is not None else None
         if quantize is not None:
             from lmforge.inference.quantize import quantize_model
 
@@ -542,9 +554,17 @@ class Generator:
                                  make_generator(params, device, j), detok))  # fmt: skip
         return rows
 
+    def _check_weights(self) -> None:
+        if self._source is not None and weights_version(self._source[0]) != self._source[1]:
+            raise StaleWeightsError(
+                "the model's weights changed after this Generator quantised or compiled them: make a new Generator "
+                "(lmforge.generate does so by itself)."
+            )
+
     def run(self, prompts: list[list[int]], params: SamplingParams, use_cache: bool = True) -> Iterator[tuple[int, str]]:
         """Low level: generate for token-id prompts; yields (row, piece), row = prompt * n + sample.
         The rows' completions are then in ``self.last_rows``."""
+        self._check_weights()
         for p in prompts:
             self._check_prompt(p)
         rows = self._rows(prompts, params)
@@ -616,6 +636,7 @@ class Generator:
             raise SamplingError("beam search ranks by log-probability: drop top_k, top_p, min_p, penalties and logprobs.")
         if sp.n > num_beams:
             raise SamplingError(f"n={sp.n} exceeds num_beams={num_beams}: beam search returns at most num_beams sequences.")
+        self._check_weights()
         for p in prompts:
             self._check_prompt(p)
         max_new = min(self._max_new(len(p), sp) for p in prompts)
@@ -681,16 +702,16 @@ _prepared: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def _generator(model, tokenizer, compile, quantize, draft_model, num_draft_tokens) -> Generator:
     """A Generator for the call. What is costly to prepare (the quantised copy, the compiled step)
-    is kept per model and options, so it happens once; neither refers back to the model, so the
-    entry goes when the model does."""
+    is kept per model and options, so it happens once per version of the weights (it is redone
+    after training steps); neither refers back to the model, so the entry goes when the model does."""
     prepared, step = None, None
     if compile or quantize is not None:
         per_model = _prepared.setdefault(model, {})
-        key = (compile, quantize)
-        if key not in per_model:
+        key, version = (compile, quantize), weights_version(model)
+        if key not in per_model or per_model[key][0] != version:
             g = Generator(model, compile=compile, quantize=quantize)
-            per_model[key] = (g.model if quantize is not None else None, g.step)
-        prepared, step = per_model[key]
+            per_model[key] = (version, g.model if quantize is not None else None, g.step)
+        _, prepared, step = per_model[key]
     g = Generator(prepared if prepared is not None else model, tokenizer, draft_model=draft_model, num_draft_tokens=num_draft_tokens)
     g.step = step
     return g
