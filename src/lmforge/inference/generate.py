@@ -188,8 +188,7 @@ class DecoderRunner:
         self.slot_mask, self.next_pos = self.slot_mask[index], self.next_pos[index]
         if self.use_cache:
             for cache in self.model.stack.caches:
-                cache.k.copy_(cache.k[index])
-                cache.v.copy_(cache.v[index])
+                cache.reorder(index)
         else:
             self.seq = self.seq[index]
 
@@ -259,13 +258,9 @@ class Seq2SeqRunner:
     def reorder(self, index: torch.Tensor) -> None:
         self.src_mask, self.memory = self.src_mask[index], self.memory[index]
         if self.use_cache:
-            for cache in self.model.decoder.caches:
-                cache.k.copy_(cache.k[index])
-                cache.v.copy_(cache.v[index])
-            # cross-attention keys/values: the memory of the source each row now belongs to
-            for cache in self.model.decoder.cross_caches:
-                cache.k.copy_(cache.k[index])
-                cache.v.copy_(cache.v[index])
+            # self-attention, and cross-attention: the memory of the source each row now belongs to
+            for cache in [*self.model.decoder.caches, *self.model.decoder.cross_caches]:
+                cache.reorder(index)
         else:
             self.seq = self.seq[index]
 

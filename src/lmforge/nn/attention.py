@@ -119,6 +119,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.length: int | None = None  # slots attention reads (the first `length`); None: all of them
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Batch row i becomes row ``index[i]`` of before (beam search keeps the surviving beams)."""
+        self.k.copy_(self.k[index])
+        self.v.copy_(self.v[index])
+
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
