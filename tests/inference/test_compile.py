@@ -41,3 +41,20 @@ def test_compiled_equals_eager_and_models_keep_their_own_weights():
     assert counters["stats"]["unique_graphs"] == graphs + 1  # m2 compiled once; m1 reused its graph
     batch = g1.complete(prompts, **kw)
     assert [c.token_ids for c in batch] == eager1  # batch 2: another graph, same tokens
+
+
+def test_batch_one_runs_an_input_major_twin_that_shares_everything_else():
+    from lmforge.inference.generate import input_major_twin
+
+    model = _model(2)
+    twin = input_major_twin(model)
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    linear = {f"{n}.weight" for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    assert linear and "lm_head.weight" in linear
+    for name, p in twin.named_parameters(remove_duplicate=False):
+        if name in linear:  # a copy, stored input-major: W.t() is contiguous
+            assert p.data_ptr() != ours[name].data_ptr() and p.t().is_contiguous() and torch.equal(p, ours[name])
+        else:  # the very same tensor
+            assert p is ours[name]
+    assert all(m.weight.is_contiguous() for m in model.modules() if type(m) is torch.nn.Linear)  # model untouched
+    assert model.lm_head.weight is model.embed.tok.weight  # still tied in the model

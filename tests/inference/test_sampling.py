@@ -13,6 +13,7 @@ from lmforge.inference.sampling import (
     SamplingParams,
     add_tokens,
     apply_penalties,
+    argmax,
     count_tokens,
     filter_logits,
     make_generator,
@@ -93,6 +94,12 @@ def test_sampling_follows_the_distribution():
     ids = draw(probs.log(), SamplingParams(temperature=1.0), 20000)
     freq = torch.bincount(ids, minlength=3).float() / len(ids)
     assert torch.allclose(freq, probs, atol=0.02)
+
+
+def test_argmax_takes_the_first_of_tied_maxima_like_torch():
+    x = torch.randn(64, 49152).round()  # many ties at the top
+    x[0, [7, 40000]] = 100.0
+    assert torch.equal(argmax(x), x.argmax(-1)) and argmax(x)[0] == 7
 
 
 def test_temperature_to_zero_equals_greedy():

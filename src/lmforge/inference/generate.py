@@ -22,6 +22,8 @@ tokens (``cumsum(mask) - 1``), so a prompt gets the same tokens alone or in a ba
 
 from __future__ import annotations
 
+import copy
+import itertools
 import time
 import types
 import weakref
@@ -81,7 +83,7 @@ def _decode_step(model, ids, position_ids, input_pos, mask):
 
 
 def compile_decode_step(**compile_kwargs):
-    """``torch.compile`` of the decode step with its own code object.
+    """``torch.compile`` of a decode step function with its own code object.
 
     Dynamo keeps compiled graphs on the code object, and inductor's freezing bakes the weights into
     them as constants; with a shared code object, a second model of the same shapes would pass the
@@ -138,8 +140,7 @@ class DecoderRunner:
         position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)  # padding does not count
         if self.use_cache:
             input_pos = torch.arange(T, device=mask.device)
-            self._read_slots(T)
-            h = self.model.hidden(self.prompt_ids, attention_mask=self.slot_mask, position_ids=position_ids, input_pos=input_pos)
+            h = self.model.hidden(self.prompt_ids, attention_mask=mask, position_ids=position_ids, input_pos=input_pos)
             logits = self.model.lm_head(h[:, -1])
         else:
             logits = self.model(self.prompt_ids, attention_mask=mask, position_ids=position_ids)[:, -1]
@@ -155,11 +156,11 @@ class DecoderRunner:
         position_ids = self.next_pos[:, None] + torch.arange(t, device=tokens.device)  # (B, t)
         if self.use_cache:
             input_pos = torch.arange(self.cur, self.cur + t, device=tokens.device)
-            self._read_slots(self.cur + t)
+            mask = self.slot_mask[:, : self.cur + t]  # attention reads the slots written so far
             if t == 1 and not all_logits:
-                logits = self.step(self.model, tokens, position_ids, input_pos, self.slot_mask)
+                logits = self.step(self.model, tokens, position_ids, input_pos, mask)
             else:
-                h = self.model.hidden(tokens, attention_mask=self.slot_mask, position_ids=position_ids, input_pos=input_pos)
+                h = self.model.hidden(tokens, attention_mask=mask, position_ids=position_ids, input_pos=input_pos)
                 logits = self.model.lm_head(h if all_logits else h[:, -1])
         else:
             self.seq = torch.cat([self.seq, tokens], dim=1)
@@ -169,12 +170,6 @@ class DecoderRunner:
         self.cur += t
         self.next_pos = self.next_pos + t
         return logits
-
-    def _read_slots(self, n: int) -> None:
-        """Eager steps attend to the n slots written so far; compiled ones to the whole static buffer."""
-        if not isinstance(self.step, CompiledStep):
-            for cache in self.model.stack.caches:
-                cache.length = n
 
     def rewind(self, n: int) -> None:
         """Forget the last n fed tokens (speculative decoding); their slots are rewritten later."""
@@ -218,6 +213,7 @@ class Seq2SeqRunner:
         self.seq = torch.full((B, 1), start, dtype=torch.long, device=device)
         self.prompt_len = 1
         self.max_len = 1 + max_new_tokens + extra_slots
+        self.slot_mask = torch.ones(B, self.max_len, dtype=torch.bool, device=device)  # no padding in the target
         self.cur = 0
         if use_cache:
             model.setup_cache(B, memory_len=S, max_len=self.max_len)
@@ -226,8 +222,8 @@ class Seq2SeqRunner:
     def prefill(self) -> torch.Tensor:
         self.memory = self.model.encode(self.src, self.src_mask)
         if self.use_cache:
-            self._read_slots(1)
-            logits = self.model.decode(self.seq, self.memory, self.src_mask, input_pos=torch.arange(1, device=self.seq.device))
+            logits = self.model.decode(self.seq, self.memory, self.src_mask, self.slot_mask[:, :1],
+                                       input_pos=torch.arange(1, device=self.seq.device))  # fmt: skip
         else:
             logits = self.model.decode(self.seq, self.memory, self.src_mask)
         self.cur = 1
@@ -238,17 +234,12 @@ class Seq2SeqRunner:
         t = tokens.shape[1]
         if self.use_cache:
             input_pos = torch.arange(self.cur, self.cur + t, device=tokens.device)
-            self._read_slots(self.cur + t)
-            out = self.model.decode(tokens, None, self.src_mask, input_pos=input_pos)
+            out = self.model.decode(tokens, None, self.src_mask, self.slot_mask[:, : self.cur + t], input_pos=input_pos)
         else:
             self.seq = torch.cat([self.seq, tokens], dim=1)
             out = self.model.decode(self.seq, self.memory, self.src_mask)[:, -t:]
         self.cur += t
         return out if all_logits else out[:, -1]
-
-    def _read_slots(self, n: int) -> None:
-        for cache in self.model.decoder.caches:  # self-attention only; the cross-attention cache is whole
-            cache.length = n
 
     def rewind(self, n: int) -> None:
         self.cur -= n
@@ -478,7 +469,7 @@ class Generator:
         if compile:
             if model.config.arch != "decoder":
                 raise PromptError("compile=True compiles the decoder-only decode step; encoder-decoder models run eagerly.")
-            self.step = CompiledStep()
+            self.step = CompiledStep(model)
 
     @property
     def context(self) -> int:
@@ -661,12 +652,31 @@ class Generator:
 
 
 class CompiledStep:
-    """The decode step, compiled once per model with inductor freezing (weights become constants)
-    and max-autotune GEMM selection. Compilation happens on the first call of each shape."""
+    """The one-token decode step of one model, compiled by inductor. Compilation happens on the
+    first call of each shape (batch, cache buffer size); the number of slots attention reads is
+    a dynamic size in the graph, so one graph serves every step. The guards dynamo would check
+    on every later call are skipped once a shape has run (the runner keeps its inputs' shapes
+    and the cache buffers fixed per shape, which is all they would check).
 
-    def __init__(self, mode: str = "max-autotune-no-cudagraphs"):
-        self.fn = compile_decode_step(mode=mode, fullgraph=True, dynamic=False)
+    A step streams every weight once, and how fast a matrix streams depends on the batch
+    (measured on SmolLM2 with 2 cores; benchmarks/decode.py):
+    * batch 1, matrix-vector products: MKL's ``x @ Wt`` with the weight stored input-major
+      (``W.t()`` contiguous) streams near the machine's bandwidth, where F.linear's transposed
+      path and inductor's packed weights are 5-10% slower. Batch 1 runs a twin of the model
+      that shares every tensor but holds input-major copies of the linear weights (made on the
+      first batch-1 call; as much memory as packed weights take), not frozen, so not packed;
+    * batch > 1, matrix-matrix products: inductor freezes the weights and packs them for MKL
+      (``cpp.weight_prepack``), ~15% faster than ``x @ Wt`` at batch 8. (The packing pass is
+      set up once per process, so the batch-1 graph avoids it by not freezing, rather than by
+      turning packing off.)
+    """
+
+    def __init__(self, model, mode: str = "default"):
+        kw = dict(mode=mode, fullgraph=True, dynamic=False)
+        self.vector_fn, self.matrix_fn = compile_decode_step(**kw), compile_decode_step(**kw)
+        self.twin = None
         self.caches: dict[tuple[int, int], torch.nn.ModuleList] = {}
+        self.warm: set[tuple] = set()
 
     def attach_cache(self, model, batch: int, max_len: int) -> None:
         """Give the model this step's cache of that shape. Compiled graphs guard on the identity of
@@ -680,8 +690,32 @@ class CompiledStep:
     def __call__(self, model, ids, position_ids, input_pos, mask):
         import torch._inductor.config as inductor_config
 
-        with inductor_config.patch(freezing=True):
-            return self.fn(model, ids, position_ids, input_pos, mask)
+        fn = self.matrix_fn
+        if ids.shape[0] == 1:
+            if self.twin is None:
+                self.twin = input_major_twin(model)
+            fn, self.twin.stack.caches, model = self.vector_fn, model.stack.caches, self.twin
+        args = (model, ids, position_ids, input_pos, mask)
+        torch._dynamo.mark_dynamic(mask, 1)  # the slots read grow each step: one graph for every count
+        shape = (tuple(ids.shape), id(model.stack.caches))
+        if shape in self.warm:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return fn(*args)
+        with inductor_config.patch(freezing=fn is self.matrix_fn, cpp_wrapper=True):
+            logits = fn(*args)
+        self.warm.add(shape)
+        return logits
+
+
+def input_major_twin(model):
+    """A model that shares every tensor of ``model`` except its linear layers' weights, which are
+    copies stored input-major (``W.t()`` contiguous; same values and shapes, another layout)."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    twin = copy.deepcopy(model, shared)
+    for m in twin.modules():
+        if type(m) is torch.nn.Linear:
+            m.weight = torch.nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=False)
+    return twin
 
 
 def make_params(**params) -> SamplingParams:

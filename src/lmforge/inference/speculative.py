@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from lmforge.inference.generate import DecoderRunner
+from lmforge.inference.sampling import argmax
 
 
 def speculative_tokens(gen, row, use_cache: bool = True) -> Iterator[tuple[int, str]]:
@@ -25,7 +26,7 @@ def speculative_tokens(gen, row, use_cache: bool = True) -> Iterator[tuple[int, 
     draft = DecoderRunner(gen.draft_model, [row.prompt], row.max_new, use_cache=use_cache, extra_slots=k + 1)
     stats = gen.last_stats = {"target_passes": 0, "drafted": 0, "accepted": 0}
     try:
-        token = int(target.prefill().argmax(-1))
+        token = int(argmax(target.prefill()))
         draft.prefill()
         pending = [token]  # tokens the draft has not consumed yet
         piece = row.accept(token)
@@ -37,12 +38,12 @@ def speculative_tokens(gen, row, use_cache: bool = True) -> Iterator[tuple[int, 
             guesses = []
             logits = draft.extend(torch.tensor([pending], device=draft.slot_mask.device))
             for i in range(n_guess):
-                guesses.append(int(logits.argmax(-1)))
+                guesses.append(int(argmax(logits)))
                 if i + 1 < n_guess:
                     logits = draft.extend(torch.tensor([[guesses[-1]]], device=draft.slot_mask.device))
             # 2. the target scores [token, guesses...] in one pass: its argmax after each of them
             fed = torch.tensor([[token, *guesses]], device=target.slot_mask.device)
-            preds = target.extend(fed, all_logits=True)[0].argmax(-1).tolist()  # (n_guess + 1,)
+            preds = argmax(target.extend(fed, all_logits=True)[0]).tolist()  # (n_guess + 1,)
             n_ok = 0
             while n_ok < n_guess and guesses[n_ok] == preds[n_ok]:
                 n_ok += 1

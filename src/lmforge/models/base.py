@@ -68,7 +68,7 @@ class Stack(nn.Module):
         h: torch.Tensor,  # (B, T, D)
         *,
         position_ids: torch.Tensor | None = None,  # (B, T) positions for RoPE
-        attention_mask: torch.Tensor | None = None,  # (B, T), or (B, max_len) over cache slots
+        attention_mask: torch.Tensor | None = None,  # (B, T); with a cache (B, n): its first n slots, read
         prefix_len: torch.Tensor | None = None,  # (B,) prefix-LM
         input_pos: torch.Tensor | None = None,  # (T,) cache slots being written; None: no cache
         memory: torch.Tensor | None = None,
@@ -79,11 +79,9 @@ class Stack(nn.Module):
         if use_cache and self.caches is None:
             raise RuntimeError("input_pos given but no KV cache is set up: call model.setup_cache(batch, max_len) first.")
         q_pos = input_pos if use_cache else torch.arange(T, device=h.device)
-        if use_cache:  # keys: the cache slots attention reads (all, or the first `length` in eager decoding)
-            n_slots = self.caches[0].length or self.caches[0].k.shape[2]
+        if use_cache:  # keys: the cache slots attention_mask covers (B, n), the first n; all without one
+            n_slots = attention_mask.shape[1] if attention_mask is not None else self.caches[0].k.shape[2]
             k_pos = torch.arange(n_slots, device=h.device)
-            if attention_mask is not None and attention_mask.shape[1] > n_slots:
-                attention_mask = attention_mask[:, :n_slots]
         else:
             k_pos = q_pos
         if position_ids is None:

@@ -48,7 +48,8 @@ class DecoderLM(TransformerModel):
     ) -> torch.Tensor:
         """Logits (B, T, V).
 
-        attention_mask  (B, T) 1 = real token, 0 = padding; with a cache, (B, max_len) over its slots
+        attention_mask  (B, T) 1 = real token, 0 = padding; with a cache, (B, n) over its first n slots,
+                        which are the ones attention reads (default: all)
         position_ids    (B, T) positions (default: 0..T-1, or input_pos with a cache)
         input_pos       (T,) cache slots these tokens are written to (after ``setup_cache``)
         prefix_len      (B,) prefix LM: the first prefix_len tokens attend bidirectionally

@@ -56,7 +56,9 @@ def attend(
     dropout_p: float = 0.0,
     impl: str = "sdpa",
 ) -> torch.Tensor:
-    if impl == "reference":
+    if impl == "reference" or (q.shape[-2] == 1 and torch.compiler.is_compiling()):
+        # compiled one-token decoding: inductor fuses the formula with RoPE and the cache write into
+        # one kernel per layer, faster than a call to the SDPA kernel (~36 vs ~56 us a layer, SmolLM2)
         return reference_attention(q, k, v, mask, bias, is_causal, scale, dropout_p)
     attn_mask = mask
     if bias is not None:  # fold the mask into the additive bias
@@ -106,10 +108,10 @@ def build_mask(
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer, holding only the KV heads (GQA).
 
-    ``update(input_pos, k, v)`` writes the new positions in place and returns the whole buffers:
-    no allocation per step, and shapes stay static (what ``torch.compile`` wants). Eager decoding
-    may set ``length`` to the number of slots written so far: attention then reads only those
-    (a view, still no allocation) instead of the whole buffer.
+    ``update(input_pos, k, v, n_slots)`` writes the new positions in place and returns the first
+    ``n_slots`` slots of the buffers (all of them by default) as views: no allocation per step,
+    and the buffers' shapes stay static, which ``torch.compile`` wants. Attention reads as many
+    slots as its mask covers, so a decode step costs what has been written, not the whole buffer.
     """
 
     def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype=torch.float32, device=None):
@@ -117,19 +119,17 @@ class KVCache(nn.Module):
         shape = (batch, n_kv_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.length: int | None = None  # slots attention reads (the first `length`); None: all of them
 
     def reorder(self, index: torch.Tensor) -> None:
         """Batch row i becomes row ``index[i]`` of before (beam search keeps the surviving beams)."""
         self.k.copy_(self.k[index])
         self.v.copy_(self.v[index])
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               n_slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        if self.length is None:
-            return self.k, self.v
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+        return self.k[:, :, :n_slots], self.v[:, :, :n_slots]
 
 
 # --- multi-head attention ------------------------------------------------------------------------
@@ -185,8 +185,8 @@ class Attention(nn.Module):
             q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            if cache is not None:
-                k, v = cache.update(input_pos, k, v)
+            if cache is not None:  # read the slots the mask covers
+                k, v = cache.update(input_pos, k, v, None if mask is None else mask.shape[-1])
         y = attend(
             q, k, v, mask=mask, bias=bias, is_causal=is_causal, scale=self.scale,
             dropout_p=self.dropout_p if self.training else 0.0, impl=self.impl,
