@@ -652,27 +652,36 @@ class Generator:
 
 
 class CompiledStep:
-    """The one-token decode step of one model, compiled by inductor. Compilation happens on the
-    first call of each shape (batch, cache buffer size); the number of slots attention reads is
-    a dynamic size in the graph, so one graph serves every step. The guards dynamo would check
-    on every later call are skipped once a shape has run (the runner keeps its inputs' shapes
-    and the cache buffers fixed per shape, which is all they would check).
+    """The one-token decode step of one model, compiled by inductor (C++ wrapper, so the graph
+    runs without Python between its kernels). Compilation happens on the first call of each
+    shape (batch, cache buffer size); the number of slots attention reads is a dynamic size in
+    the graph, so one graph serves every step. The guards dynamo would check on every later call
+    are skipped once a shape has run (the runner keeps its inputs' shapes and the cache buffers
+    fixed per shape, which is all they would check).
 
-    A step streams every weight once, and how fast a matrix streams depends on the batch
-    (measured on SmolLM2 with 2 cores; benchmarks/decode.py):
-    * batch 1, matrix-vector products: MKL's ``x @ Wt`` with the weight stored input-major
-      (``W.t()`` contiguous) streams near the machine's bandwidth, where F.linear's transposed
-      path and inductor's packed weights are 5-10% slower. Batch 1 runs a twin of the model
-      that shares every tensor but holds input-major copies of the linear weights (made on the
-      first batch-1 call; as much memory as packed weights take), not frozen, so not packed;
-    * batch > 1, matrix-matrix products: inductor freezes the weights and packs them for MKL
-      (``cpp.weight_prepack``), ~15% faster than ``x @ Wt`` at batch 8. (The packing pass is
+    A step streams every weight once, and how fast a matrix streams depends on the batch and the
+    weights' type (measured on SmolLM2 with 2 cores; benchmarks/decode.py):
+    * fp32 at batch 1, matrix-vector products: MKL's ``x @ Wt`` with the weight stored
+      input-major (``W.t()`` contiguous) streams near the machine's bandwidth, where F.linear's
+      transposed path and inductor's packed weights are 5-10% slower. Batch 1 runs a twin of
+      the model that shares every tensor but holds input-major copies of the linear weights
+      (made on the first batch-1 call; as much memory as packed weights take), not frozen, so
+      not packed;
+    * fp32 at batch > 1, matrix-matrix products: inductor freezes the weights and packs them for
+      MKL (``cpp.weight_prepack``), ~15% faster than ``x @ Wt`` at batch 8. (The packing pass is
       set up once per process, so the batch-1 graph avoids it by not freezing, rather than by
-      turning packing off.)
+      turning packing off.) Default mode: max-autotune's hot-cache timings pick a GEMM template
+      that is ~20% slower once weights stream from memory;
+    * int8 (``quantize="int8"``), every batch: frozen weights and max-autotune, whose
+      weight-only-int8 GEMM template beats aten's ``_weight_int8pack_mm`` ~1.6x at batch 1 and
+      ~2.5x at batch 8.
     """
 
-    def __init__(self, model, mode: str = "default"):
-        kw = dict(mode=mode, fullgraph=True, dynamic=False)
+    def __init__(self, model):
+        from lmforge.inference.quantize import Int8Linear
+
+        self.int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+        kw = dict(mode="max-autotune-no-cudagraphs" if self.int8 else "default", fullgraph=True, dynamic=False)
         self.vector_fn, self.matrix_fn = compile_decode_step(**kw), compile_decode_step(**kw)
         self.twin = None
         self.caches: dict[tuple[int, int], torch.nn.ModuleList] = {}
@@ -691,7 +700,7 @@ class CompiledStep:
         import torch._inductor.config as inductor_config
 
         fn = self.matrix_fn
-        if ids.shape[0] == 1:
+        if ids.shape[0] == 1 and not self.int8:
             if self.twin is None:
                 self.twin = input_major_twin(model)
             fn, self.twin.stack.caches, model = self.vector_fn, model.stack.caches, self.twin
