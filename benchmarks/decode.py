@@ -12,6 +12,11 @@ the others, and the median counts. Prints one JSON line per claim:
   int8      quantize="int8" vs fp32, batch 1 (compiled, and eager)          target >= 1.3x
   roofline  is in each decode line: weight bytes read per step x steps/s / memory bandwidth
             (bandwidth measured in this run by summing a 1 GiB tensor)
+  ceiling   batch-1 lines also time a bare loop of ``x @ Wt`` over the model's own linear weights
+            (the fastest matrix-vector path measured here): ``floor`` is that loop's rate, about
+            the most tokens/s an fp32 batch-1 decoder reaches on this machine, ``ceiling_ratio``
+            = floor / theirs is about the most any decoder can gain over transformers, and
+            ``ours_of_floor`` says how close we are to it
 
     python benchmarks/decode.py [--quick] [--no-compile] [--repeats 3] [--threads N]
 """
@@ -68,6 +73,22 @@ def weight_bytes_per_step(model) -> int:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
     return total
+
+
+def streaming_floor(model):
+    """A function timing one pass of ``x @ Wt`` over every linear weight of ``model`` (input-major
+    copies, batch 1): the weight streaming a decode step cannot avoid, at MKL's best matrix-vector
+    speed. Returns passes/s, comparable to tokens/s."""
+    mats = [m.weight.detach().t().contiguous() for m in model.modules() if type(m) is torch.nn.Linear]
+    xs = {n: torch.randn(1, n) for n in {w.shape[0] for w in mats}}
+
+    def rate() -> float:
+        t = time.perf_counter()
+        for w in mats:
+            xs[w.shape[0]] @ w
+        return 1 / (time.perf_counter() - t)
+
+    return rate
 
 
 class FirstTokenClock:
@@ -171,13 +192,17 @@ def main() -> int:
             configs = {"theirs": lambda: theirs_decode(hf, hf_p, new), "eager": lambda: ours_decode(eager, ours_p, new)}
             if compiled is not None:
                 configs["compiled"] = lambda: ours_decode(compiled, ours_p, new)
+            if batch == 1:
+                floor = streaming_floor(model)
+                configs["floor"] = lambda: statistics.median(floor() for _ in range(5))
             r = median_rates(configs, args.repeats)
             best = r.get("compiled", r["eager"])
+            ceiling = dict(floor=r["floor"], ceiling_ratio=r["floor"] / r["theirs"], ours_of_floor=best / r["floor"]) if batch == 1 else {}
             emit(bench="decode", model=name, dtype="fp32", batch=batch, new_tokens=new,
                  ours=best, ours_mode="compiled" if compiled else "eager", theirs=r["theirs"], ratio=best / r["theirs"],
                  ours_eager=r["eager"], ratio_eager=r["eager"] / r["theirs"],
                  roofline_fraction=step_bytes * best / batch / (max(_BANDWIDTH) * 1e9), bandwidth_gb_s=max(_BANDWIDTH),
-                 weight_mb_per_step=step_bytes / 1e6, target=1.5 if batch == 1 else None,
+                 weight_mb_per_step=step_bytes / 1e6, **ceiling, target=1.5 if batch == 1 else None,
                  met=(best / r["theirs"] >= 1.5) if batch == 1 else None)  # fmt: skip
 
         if name == "smollm2" and "int8" in claims:
