@@ -74,7 +74,16 @@ def _print_stream(gen, prompt, params) -> None:
     elapsed = time.perf_counter() - start
     n = len(gen.last_completions[0].token_ids)
     print(flush=True)
-    print(f"[{n} tokens, {n / elapsed:.1f} tokens/s]", file=sys.stderr, flush=True)
+    t = gen.last_timing
+    if t.get("decode_steps", 0) > 1:  # the prompt and a compilation apart from the steady rate
+        steps, secs, compiling = t["decode_steps"], t["decode_s"], ""
+        if gen.step is not None:  # compile=True: the first step of a new shape compiles (or loads) its graph
+            steps, secs = steps - 1, secs - t["first_step_s"]
+            compiling = f", step compiled in {t['first_step_s']:.1f} s" if t["first_step_s"] > 0.5 else ""
+        speed = f"first token after {t['prefill_s']:.2f} s{compiling}, then {steps / secs:.1f} tokens/s"
+    else:
+        speed = f"{n / elapsed:.1f} tokens/s"
+    print(f"[{n} tokens, {speed}]", file=sys.stderr, flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

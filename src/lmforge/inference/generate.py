@@ -305,7 +305,8 @@ class _Row:
 
 def sample_tokens(runner, rows: list[_Row], timing: dict | None = None) -> Iterator[tuple[int, str]]:
     """Generate until every row is finished; yields (row index, text piece) as text becomes certain.
-    ``timing`` (if given) receives prefill_s (prompt to first token), decode_s and decode_steps."""
+    ``timing`` (if given) receives prefill_s (prompt to first token), decode_s and decode_steps
+    (the tokens after the first), and first_step_s (the first of those steps, compilation included)."""
     params = [r.params for r in rows]
     device = runner.model.device
     batch = SamplingBatch.from_params(params, device)
@@ -344,8 +345,12 @@ def sample_tokens(runner, rows: list[_Row], timing: dict | None = None) -> Itera
             add_tokens(counts, out.token_ids)
         logits = runner.extend(out.token_ids[:, None])
         steps += 1
+        if steps == 1:
+            first_step = time.perf_counter() - first
     if timing is not None:
         timing.update(prefill_s=first - start, decode_s=time.perf_counter() - first, decode_steps=steps)
+        if steps:
+            timing["first_step_s"] = first_step  # where a compiled step compiles
 
 
 # --- beam search ---------------------------------------------------------------------------------
@@ -554,7 +559,7 @@ class Generator:
         for p in prompts:
             self._check_prompt(p)
         rows = self._rows(prompts, params)
-        self.last_rows = rows
+        self.last_rows, self.last_timing = rows, {}
         if self.draft_model is not None:
             from lmforge.inference.speculative import speculative_tokens
 
@@ -567,7 +572,6 @@ class Generator:
             return
         max_new = max(r.max_new for r in rows)
         runner = make_runner(self.model, [r.prompt for r in rows], max_new, use_cache=use_cache, step=self.step)
-        self.last_timing = {}
         try:
             yield from sample_tokens(runner, rows, self.last_timing)
         finally:
