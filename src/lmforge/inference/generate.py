@@ -710,13 +710,13 @@ class CompiledStep:
             fn, self.twin.stack.caches, model = self.vector_fn, model.stack.caches, self.twin
         args = (model, ids, position_ids, input_pos, mask)
         torch._dynamo.mark_dynamic(mask, 1)  # the slots read grow each step: one graph for every count
-        shape = (tuple(ids.shape), id(model.stack.caches))
-        if shape in self.warm:
+        key = (tuple(ids.shape), id(model.stack.caches))
+        if key in self.warm:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return fn(*args)
         with inductor_config.patch(freezing=fn is self.matrix_fn, cpp_wrapper=True):
             logits = fn(*args)
-        self.warm.add(shape)
+        self.warm.add(key)
         return logits
 
 
