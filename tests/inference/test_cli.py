@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import re
+
+import pytest
 
 from lmforge.cli import main
 from lmforge.inference import generate
@@ -13,7 +16,17 @@ def test_generate_streams_the_completion(tiny_chat, smol_tokenizer, capsys):
     assert main(["generate", str(path), "-p", "Hello there", "--max-new-tokens", "12"]) == 0  # greedy by default
     out, err = capsys.readouterr()
     assert out == generate(model, smol_tokenizer, "Hello there", max_new_tokens=12, temperature=0) + "\n"
-    assert "tokens/s" in err
+    assert re.fullmatch(r"\[12 tokens, first token after [\d.]+ s, then [\d.]+ tokens/s\]\n", err)
+
+
+@pytest.mark.slow  # compiles a tiny model
+def test_generate_compile_reports_the_rate_after_compiling(tiny_chat, smol_tokenizer, capsys):
+    path, model = tiny_chat
+    assert main(["generate", str(path), "-p", "Hello there", "--max-new-tokens", "12", "--compile"]) == 0
+    out, err = capsys.readouterr()
+    assert out == generate(model, smol_tokenizer, "Hello there", max_new_tokens=12, temperature=0) + "\n"
+    # the first decode step (where compilation happens) is left out of the rate, and named when it is long
+    assert re.fullmatch(r"\[12 tokens, first token after [\d.]+ s(, step compiled in [\d.]+ s)?, then [\d.]+ tokens/s\]\n", err)
 
 
 def test_generate_chat_uses_the_template(tiny_chat, smol_tokenizer, capsys):
