@@ -176,6 +176,10 @@ class Tokenizer:
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"The chat template rejected these messages: {exc}") from None
 
+    def to_json(self) -> str:
+        """The backend as tokenizer.json text (what grammar engines and other runtimes read)."""
+        return self._backend.to_str()
+
     def save(self, directory: str | os.PathLike) -> None:
         """Write tokenizer.json and tokenizer_config.json (special tokens, chat template) into `directory`."""
         directory = Path(directory)
