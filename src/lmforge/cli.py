@@ -233,6 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def path_problem(e: OSError) -> str:
+    """One sentence for a file-system error on a path the user named (an output that is a file, ...)."""
+    name = e.filename
+    if isinstance(e, (FileExistsError, NotADirectoryError)):
+        return f"{name} is a file (or lies inside one) where a directory is needed; choose another path."
+    if isinstance(e, IsADirectoryError):
+        return f"{name} is a directory where a file is needed."
+    if isinstance(e, FileNotFoundError):
+        return f"{name} does not exist."
+    if isinstance(e, PermissionError):
+        return f"{name} cannot be read or written here (permission denied)."
+    return f"{name}: {e.strerror or e}."
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -245,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except UserError as e:
         print(f"lmforge {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not a path the user gave (sockets, devices): a real failure, with its traceback
+            raise
+        print(f"lmforge {args.command}: error: {path_problem(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -25,6 +25,10 @@ ATTN_IMPLS = ("sdpa", "reference")
 HEADS = (None, "mlm", "seq_cls", "token_cls")
 
 
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "dict": (dict,), "None": (type(None),)}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false", "dict": "an object", "None": "null"}
+
+
 class ConfigError(UserError, ValueError):
     """A configuration that cannot describe a working model; the message says how to fix it."""
 
@@ -100,6 +104,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        self._check_types()
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -114,6 +119,18 @@ class ModelConfig:
         if self.n_decoder_layer is None:
             self.n_decoder_layer = self.n_layer
         self.validate()
+
+    def _check_types(self) -> None:
+        """Every field holds a value of its declared type (a config.json may say "64" or null)."""
+        for f in dataclasses.fields(self):
+            names = [n.strip().split("[")[0] for n in str(f.type).split("|")]
+            if not all(n in _FIELD_TYPES for n in names):
+                continue
+            value = getattr(self, f.name)
+            allowed = tuple(t for n in names for t in _FIELD_TYPES[n])
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                kinds = " or ".join(_TYPE_WORDS[n] for n in names)
+                raise ConfigError(f"{f.name} must be {kinds}, got {value!r} ({type(value).__name__}).")
 
     def validate(self) -> None:
         def one_of(name: str, allowed: tuple) -> None:

@@ -14,13 +14,14 @@ import importlib.util
 import json
 import os
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmforge.checkpoints.hf import FAMILIES, Source, family_of
-from lmforge.config import ModelConfig
+from lmforge.config import ConfigError, ModelConfig
 from lmforge.errors import CheckpointError
 from lmforge.models import TransformerModel, build_model
 
@@ -67,6 +68,17 @@ def read_hf_config(d: Path) -> dict[str, Any]:
     return read_json(d / "config.json")
 
 
+def hf_model_config(d: Path) -> tuple[str, ModelConfig]:
+    """The family and ModelConfig that a checkpoint directory's config.json describes; a value of the
+    wrong type or range is reported against that file."""
+    hf = read_hf_config(d)
+    family = family_of(hf)
+    try:
+        return family, ModelConfig.from_dict(hf["lmforge"]) if family == "lmforge" else FAMILIES[family].config(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{d / 'config.json'} does not describe a working model: {e}") from None
+
+
 def weight_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.exists():
@@ -88,7 +100,8 @@ def read_state(d: Path) -> dict[str, torch.Tensor]:
             if f.suffix == ".safetensors":
                 state.update(load_file(f))
             else:
-                state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+                # zip-format pickles are memory-mapped; legacy (pre-1.6) ones can only be read whole
+                state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f)))
         except Exception as e:
             raise CheckpointError(f"could not read {f}: it is truncated, corrupt or not a weights file ({type(e).__name__}: {e}).") from None
     return state
@@ -190,9 +203,7 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
         with torch.device("meta"):
             model = build_model(cfg)
     elif p.is_dir():
-        hf = read_hf_config(p)
-        family = family_of(hf)
-        cfg = ModelConfig.from_dict(hf["lmforge"]) if family == "lmforge" else FAMILIES[family].config(hf)
+        family, cfg = hf_model_config(p)
         with torch.device("meta"):
             model = build_model(cfg)
         raw = read_state(p)
@@ -276,9 +287,7 @@ def describe(path: str | Path | None = None) -> dict[str, Any]:
         tokenizer = f"yes ({meta.get('tokenizer.ggml.model')} in GGUF metadata)" if "tokenizer.ggml.tokens" in reader.fields else "no"
         chat = "yes" if "tokenizer.chat_template" in reader.fields else "no"
     else:
-        hf = read_hf_config(p)
-        family = family_of(hf)
-        cfg = ModelConfig.from_dict(hf["lmforge"]) if family == "lmforge" else FAMILIES[family].config(hf)
+        _, cfg = hf_model_config(p)
         dtype = stored_dtypes(p)
         fmt = "Hugging Face directory"
         tok_files = [f for f in ("tokenizer.json", "vocab.txt", "tokenizer.model") if (p / f).exists()]

@@ -212,6 +212,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model, data, out_dir: str | os.PathLike, ctx: DistContext, *, resume: bool = False):
         self.cfg, self.ctx, self.out = cfg, ctx, Path(out_dir)
         self.started = time.perf_counter()
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.out} is a file; give a directory for the run (it is created if missing).")
+        if resume and (not self.out.is_dir() or ckpt_io.latest_checkpoint(self.out) is None):
+            raise UserError(f"--resume: {self.out} holds no checkpoint to continue; drop --resume to start a new run there.")
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         ctx.barrier()
@@ -492,7 +496,14 @@ def pretrain(
     (a Hugging Face directory) into ``out_dir``. Under torchrun it trains with DDP or FSDP2
     (``train_cfg.strategy``). ``resume=True`` continues from the latest checkpoint in ``out_dir``."""
     ctx = init_distributed(train_cfg.device, train_cfg.strategy)
+    fresh = not Path(out_dir).exists()
     try:
-        return Trainer(train_cfg, model, data, out_dir, ctx, resume=resume).run()
+        try:
+            trainer = Trainer(train_cfg, model, data, out_dir, ctx, resume=resume)
+        except Exception:
+            if fresh and ctx.is_main:  # a run that could not start leaves no half-made directory behind
+                shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+        return trainer.run()
     finally:
         ctx.close()
