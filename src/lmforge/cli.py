@@ -138,7 +138,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"),
           max_queue=args.max_queue, embedding_model=args.embedding_model, kv_cache_gb=args.kv_cache_gb,
-          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)  # fmt: skip
+          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_body_bytes=args.max_body_bytes,
+          allowed_origins=args.allowed_origins)  # fmt: skip
 
 
 def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
@@ -223,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY, else none)")
     s.add_argument("--max-queue", type=int, default=1024, help="waiting sequences before requests get 429")
+    s.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413 (default: 8 MiB)")
+    s.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN",
+                   help="web origins allowed to call the API from a browser (CORS; default: none)")
     s.add_argument("--embedding-model", default=None, help="an encoder (e.g. MiniLM) to serve /v1/embeddings")
     s.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache")
     s.add_argument("--max-model-len", type=int, default=None, help="context per sequence (default: the model's)")

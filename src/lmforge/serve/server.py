@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import hmac
 import json
 import logging
 import math
@@ -24,19 +23,21 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
 import torch
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import UserError
 from lmforge.inference.sampling import MAX_LOGPROBS, SamplingError, SamplingParams
+from lmforge.serve.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
 from lmforge.serve.engine import ContextLengthError, Engine, EngineConfig, QueueFullError, SequenceOutput
 
 log = logging.getLogger("lmforge.serve")
@@ -323,6 +324,8 @@ def create_app(
     embedder: Embedder | None = None,
     api_key: str | None = None,
     manage_engine: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The FastAPI app. ``manage_engine``: start the engine's thread at start-up, stop it at shutdown."""
     state = Server(engine, model_name, embedder, api_key)
@@ -361,6 +364,10 @@ def create_app(
         log.exception("unhandled error in %s", request.url.path)
         return JSONResponse(error_body("internal server error; the details are in the server log.", "server_error"), 500)
 
+    # the API key, JSON-only bodies and the body limit hold for every route: serve/guard.py (inside the
+    # request counter, so refused requests are counted too)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=max_body_bytes)
+
     counted = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/health", "/metrics"}
 
     class CountRequests:  # plain ASGI middleware: leaves streaming and disconnects alone
@@ -384,18 +391,11 @@ def create_app(
                 state.requests[(path, status[0])] += 1
 
     app.add_middleware(CountRequests)
+    if allowed_origins:  # CORS is off unless asked for: other origins' pages can't call this server
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])  # fmt: skip
 
-    async def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        ok = scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), api_key.encode())
-        if not ok:
-            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'.", None,
-                           "invalid_api_key")  # fmt: skip
-
-    v1 = APIRouter(dependencies=[Depends(check_key)])
+    v1 = APIRouter()
 
     # --- endpoints -------------------------------------------------------------------------------
     @app.get("/health")
@@ -746,6 +746,8 @@ def build_app(
     max_model_len: int | None = None,
     max_num_seqs: int = 64,
     dtype: torch.dtype = torch.float32,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
     """Load the checkpoints and build the app (an encoder given as MODEL is served for embeddings)."""
     from lmforge.checkpoints import load_model, resolve
@@ -761,7 +763,8 @@ def build_app(
         if embedding_model is not None:
             e = load_model(embedding_model, dtype=dtype)
             embedder = Embedder(e, load_tokenizer(resolve(embedding_model)), model_id(embedding_model))
-    return create_app(generator, model_id(model) if generator else None, embedder=embedder, api_key=api_key)
+    return create_app(generator, model_id(model) if generator else None, embedder=embedder, api_key=api_key,
+                      max_body_bytes=max_body_bytes, allowed_origins=allowed_origins)  # fmt: skip
 
 
 def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
