@@ -88,9 +88,16 @@ def test_bitmask_unpacking():
 
 
 def test_grammars_are_compiled_once():
-    a = compile_grammar(json_schema={"type": "object", "properties": {"x": {"type": "string"}}})
-    b = compile_grammar(json_schema='{"properties": {"x": {"type": "string"}}, "type": "object"}')
-    assert a is b
+    schema = {"type": "object", "properties": {"x": {"type": "string"}}}
+    a = compile_grammar(json_schema=schema)
+    assert compile_grammar(json_schema=dict(schema)) is a and compile_grammar(json_schema=json.dumps(schema)) is a
+
+
+def test_properties_come_in_the_schemas_order(tok):
+    schema = {"type": "object", "properties": {"zeta": {"const": 1}, "alpha": {"const": 2}}, "required": ["zeta", "alpha"],
+              "additionalProperties": False}  # fmt: skip
+    (text,), _ = sample_constrained(tok, [Constraint(compile_grammar(json_schema=schema), tok)])
+    assert text == '{"zeta":1,"alpha":2}'
 
 
 @pytest.mark.parametrize(

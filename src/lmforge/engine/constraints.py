@@ -80,7 +80,7 @@ def compile_grammar(*, json_schema: dict | str | None = None, regex: str | None 
                 raise ConstraintError(f"the JSON schema is not valid JSON: {e}", param) from None
         if not isinstance(json_schema, dict):
             raise ConstraintError("a JSON schema must be a JSON object", param)
-        source = json.dumps(json_schema, sort_keys=True)
+        source = json.dumps(json_schema)  # key order kept: properties are generated in the schema's order
     elif regex is not None:
         kind, source = "regex", regex
     else:
