@@ -1,0 +1,82 @@
+"""Tensor parallelism over 2 gloo processes: logits and greedy tokens equal one process's."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lmforge.config import ModelConfig
+from lmforge.models import build_model
+from lmforge.parallel.tensor import TensorParallelError, check_tensor_parallel, tensor_parallel
+
+CONFIGS = {
+    "llama-gqa": dict(preset="smollm2-135m", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, d_ff=96, vocab_size=101, max_seq_len=64),
+    "gpt2-bias": dict(preset="gpt2", n_layer=2, n_embd=64, n_head=4, vocab_size=101, max_seq_len=64),
+}
+PROMPT = [3, 14, 15, 92, 65, 35]
+
+
+def tiny(name):
+    kw = dict(CONFIGS[name])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name(kw.pop("preset"), **kw)).eval()
+    with torch.no_grad():  # non-zero biases, so a mis-split bias would show
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def run(model):
+    from lmforge.inference import complete
+
+    x = torch.tensor([PROMPT + [7, 7, 1]])
+    with torch.no_grad():
+        logits = model(x)
+    c = complete(model, None, PROMPT, max_new_tokens=12, temperature=0)
+    return logits, c.token_ids
+
+
+def worker(rank, world, port, name, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from lmforge.parallel.tensor import init_tensor_parallel
+
+    mesh = init_tensor_parallel(world)
+    model = tensor_parallel(tiny(name), mesh)
+    logits, tokens = run(model)
+    torch.save({"logits": logits, "tokens": tokens, "local_heads": model.stack.layers[0].attn.n_head}, f"{out}.{rank}")
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_two_ranks_equal_one_process(tmp_path, name):
+    ref_logits, ref_tokens = run(tiny(name))
+    out = tmp_path / "result"
+    mp.start_processes(worker, args=(2, free_port(), name, str(out)), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        assert got["local_heads"] == CONFIGS[name]["n_head"] // 2
+        torch.testing.assert_close(got["logits"], ref_logits, rtol=1e-5, atol=1e-5)
+        assert got["tokens"] == ref_tokens
+
+
+def test_what_cannot_be_split_says_why():
+    cfg = ModelConfig.from_name("smollm2-135m", n_head=6, n_kv_head=3, n_embd=48)
+    with pytest.raises(TensorParallelError, match="n_kv_head=3 is not divisible by --tensor-parallel 2"):
+        check_tensor_parallel(cfg, 2)
+    with pytest.raises(TensorParallelError, match="alibi"):
+        check_tensor_parallel(ModelConfig.from_name("smollm2-135m", position="alibi"), 2)
+    with pytest.raises(TensorParallelError, match="encoder-decoder"):
+        check_tensor_parallel(ModelConfig.from_name("t5-small"), 2)
