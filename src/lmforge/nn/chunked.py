@@ -238,6 +238,9 @@ def chunked_attention(
         raise AttentionInputError(f"block_q={block_q} and block_k={block_k} must be positive tile sizes.")
     if window is not None and window < 1:
         raise AttentionInputError(f"window={window} must be a positive number of positions, or None.")
+    if window is not None and window >= Tk:
+        raise AttentionInputError(f"window={window} is not smaller than the sequence ({Tk} keys), so it hides nothing: "
+                                  "pass window=None, or a window below the sequence length.")  # fmt: skip
     if is_causal and Tq > Tk:
         raise AttentionInputError(f"causal attention needs at least as many keys as queries, got Tq={Tq} > Tk={Tk}.")
     G = H // Hkv
