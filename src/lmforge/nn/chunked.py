@@ -115,6 +115,9 @@ def _rows(x: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
     return _acc(x[:, :, :, i0:i1].reshape(B, Hkv, G * (i1 - i0), *x.shape[4:]))
 
 
+_NEG = -1e30  # "minus infinity" for running maxima: finite, so that differences of two stay finite
+
+
 class _Scratch:
     """One reusable buffer per role, sized for the largest tile: a fresh (bq, bk) tensor per tile
     would cost page faults on every allocation, which measured slower than the arithmetic on CPU."""
@@ -144,25 +147,28 @@ def _forward(q, k, v, scale, tiling: _Tiling):
     Dv = v.shape[-1]
     out = torch.empty(B, Hkv, G, Tq, Dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hkv, G, Tq, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
-    # a column of ones after V: p @ [V, 1] gives the weighted values and the row sums in one matmul
-    v1 = torch.cat([_acc(v), torch.ones_like(_acc(v[..., :1]))], dim=-1)  # (B, Hkv, Tk, Dv + 1)
+    v1 = _acc(v)
     scratch = _Scratch(lse)
     for i0, i1 in tiling.q_tiles():
         qi = _rows(q, i0, i1) * scale  # (B, Hkv, G·bq, D)
         rows = qi.shape[2]
-        m = torch.full(qi.shape[:-1], float("-inf"), dtype=qi.dtype, device=q.device)  # (B, Hkv, G·bq)
-        acc = torch.zeros(*qi.shape[:-1], Dv + 1, dtype=qi.dtype, device=q.device)  # [Σ p·v, Σ p]
+        # the running max starts at a very negative finite number rather than -inf, so that rows with
+        # nothing visible yet need no special case: exp(-inf - m) = 0 and exp(m_old - m_new) is finite
+        m = torch.full(qi.shape[:-1], _NEG, dtype=qi.dtype, device=q.device)  # (B, Hkv, G·bq)
+        acc = torch.zeros(*qi.shape[:-1], Dv, dtype=qi.dtype, device=q.device)  # Σ p·v
+        l = torch.zeros_like(m)  # noqa: E741  Σ p
+        acc3 = acc.view(-1, rows, Dv)
         for j0, j1 in tiling.k_tiles(i0, i1):
             s = _scores(qi, _acc(k[:, :, j0:j1]), tiling.tile_mask(i0, i1, j0, j1),
                         scratch.get("s", B, Hkv, rows, j1 - j0))  # fmt: skip
             m_new = torch.maximum(m, s.amax(-1))
-            m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with nothing seen yet
-            p = s.sub_(m_safe[..., None]).exp_()  # in place: the scores are not needed again
-            acc.mul_(torch.exp(m - m_safe)[..., None])  # rescale what was summed under the old maximum
-            acc += p @ v1[:, :, j0:j1]
+            p = s.sub_(m_new[..., None]).exp_()  # in place: the scores are not needed again
+            alpha = torch.exp(m - m_new)  # rescales what was summed under the old maximum
+            l = l * alpha + p.sum(-1)  # noqa: E741
+            acc.mul_(alpha[..., None])
+            acc3.baddbmm_(p.view(-1, rows, j1 - j0), v1[:, :, j0:j1].reshape(-1, j1 - j0, Dv))
             m = m_new
-        l = acc[..., Dv]  # noqa: E741
-        o = acc[..., :Dv] / l.clamp(min=1e-30)[..., None]  # rows with no visible key give 0 (their lse is -inf)
+        o = acc / l.clamp(min=1e-30)[..., None]  # rows with no visible key give 0 (their lse is -inf)
         out[:, :, :, i0:i1] = o.view(B, Hkv, G, i1 - i0, Dv).to(q.dtype)
         lse[:, :, :, i0:i1] = (m + torch.log(l)).view(B, Hkv, G, i1 - i0)
     return out, lse

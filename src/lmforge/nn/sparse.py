@@ -148,8 +148,7 @@ def _band(q, k, v, pat: SparsePattern, key_ok, scale):
     nk = nq + back + fwd
     # block index first: every step's slice of blocks is contiguous, so the batched matmuls copy nothing
     kt = F.pad(k, (0, 0, *pad)).view(B, Hkv, nk, b, D).permute(2, 0, 1, 4, 3).contiguous()  # (nk, B, Hkv, D, b)
-    v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # p @ [v, 1]: values and row sums in one matmul
-    vp = F.pad(v1, (0, 0, *pad)).view(B, Hkv, nk, b, -1).permute(2, 0, 1, 3, 4).contiguous()  # (nk, B, Hkv, b, Dv+1)
+    vp = F.pad(v, (0, 0, *pad)).view(B, Hkv, nk, b, -1).permute(2, 0, 1, 3, 4).contiguous()  # (nk, B, Hkv, b, Dv)
     okp = F.pad(key_ok, pad, value=False).view(-1, nk, b)  # (B|1, nk, b)
     qb = F.pad(q * scale, (0, 0, 0, Tp - T)).view(B, Hkv, G, nq, b, D)
     qb = qb.permute(3, 0, 1, 2, 4, 5).reshape(nq, B, Hkv, G * b, D)  # the group's heads stacked as rows
@@ -157,7 +156,8 @@ def _band(q, k, v, pat: SparsePattern, key_ok, scale):
     r = torch.arange(b, device=q.device)
     blocks = torch.arange(nq, device=q.device)
     pad_keys = key_ok.shape[0] > 1 or not bool(key_ok.all()) or (Tp > T and fwd > 0)
-    m = torch.full(qb.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)  # (nq, B, Hkv, G·b)
+    m = torch.full(qb.shape[:-1], -1e30, dtype=q.dtype, device=q.device)  # (nq, B, Hkv, G·b), finite: see chunked
+    l = torch.zeros_like(m)  # noqa: E741
     acc = torch.zeros(*qb.shape[:-1], vp.shape[-1], dtype=q.dtype, device=q.device)
     for o in range(-fwd, back + 1):  # key block = query block − o
         sl = slice(back - o, back - o + nq)
@@ -183,16 +183,12 @@ def _band(q, k, v, pat: SparsePattern, key_ok, scale):
             gone = ~blk.view(nq, 1, 1, 1, 1)
             s = s.masked_fill_(gone, float("-inf")) if inplace else s.masked_fill(gone, float("-inf"))
         m_new = torch.maximum(m, s.amax(-1))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        alpha = torch.exp(m - m_safe)[..., None]
-        if inplace:
-            p = s.sub_(m_safe[..., None]).exp_()
-            acc.mul_(alpha).add_(p @ vp[sl])
-        else:
-            acc = acc * alpha + torch.exp(s - m_safe[..., None]) @ vp[sl]
+        alpha = torch.exp(m - m_new)
+        p = s.sub_(m_new[..., None]).exp_() if inplace else torch.exp(s - m_new[..., None])
+        l = l * alpha + p.sum(-1)  # noqa: E741
+        acc = acc * alpha[..., None] + p @ vp[sl]
         m = m_new
-    l = acc[..., -1]  # noqa: E741
-    o = acc[..., :-1] / l.clamp(min=1e-30)[..., None]
+    o = acc / l.clamp(min=1e-30)[..., None]
     lse = m + torch.log(l)
     o = o.view(nq, B, Hkv, G, b, -1).permute(1, 2, 3, 0, 4, 5).reshape(B, Hkv, G, Tp, -1)[:, :, :, :T]
     lse = lse.view(nq, B, Hkv, G, b).permute(1, 2, 3, 0, 4).reshape(B, Hkv, G, Tp)[:, :, :, :T]
