@@ -159,9 +159,14 @@ def _band(q, k, v, pat: SparsePattern, key_ok, scale):
     m = torch.full(qb.shape[:-1], -1e30, dtype=q.dtype, device=q.device)  # (nq, B, Hkv, G·b), finite: see chunked
     l = torch.zeros_like(m)  # noqa: E741
     acc = torch.zeros(*qb.shape[:-1], vp.shape[-1], dtype=q.dtype, device=q.device)
+    scores = None
     for o in range(-fwd, back + 1):  # key block = query block − o
         sl = slice(back - o, back - o + nq)
-        s = qb @ kt[sl]  # (nq, B, Hkv, G·b, b)
+        if inplace:  # one scores buffer for every step: no fresh (T·b) allocation (page faults) per step
+            s = torch.matmul(qb, kt[sl], out=scores if o != -fwd else None)  # (nq, B, Hkv, G·b, b)
+            scores = s
+        else:
+            s = qb @ kt[sl]  # (nq, B, Hkv, G·b, b)
         # what a step hides: the band's edge inside the tile (for local / strided it depends on i − j
         # only, the same (b, b) tile for every block), whole blocks (before the sequence; fixed: other
         # stride blocks), and padded keys
@@ -186,7 +191,10 @@ def _band(q, k, v, pat: SparsePattern, key_ok, scale):
         alpha = torch.exp(m - m_new)
         p = s.sub_(m_new[..., None]).exp_() if inplace else torch.exp(s - m_new[..., None])
         l = l * alpha + p.sum(-1)  # noqa: E741
-        acc = acc * alpha[..., None] + p @ vp[sl]
+        if inplace:
+            acc.mul_(alpha[..., None]).view(-1, G * b, acc.shape[-1]).baddbmm_(p.view(-1, G * b, b), vp[sl].view(-1, b, vp.shape[-1]))
+        else:
+            acc = acc * alpha[..., None] + p @ vp[sl]
         m = m_new
     o = acc / l.clamp(min=1e-30)[..., None]
     lse = m + torch.log(l)
