@@ -96,6 +96,19 @@ def test_lse_merges_disjoint_key_sets():
     torch.testing.assert_close(merged, reference_attention(q, k, v), **TOL)
 
 
+def test_gradients_flow_through_the_lse_of_merged_parts():
+    q, k, v = _qkv(Hkv=2)
+    o1, l1 = chunked_attention(q, k[:, :, :20], v[:, :, :20], return_lse=True, block_k=6)
+    o2, l2 = chunked_attention(q, k[:, :, 20:], v[:, :, 20:], return_lse=True, block_q=5)
+    merged, lse = merge_partials(o1, l1, o2, l2)
+    ref = reference_attention(q, k, v)
+    ref_lse = torch.logsumexp((q @ k.repeat_interleave(2, 1).transpose(-2, -1)) * 16**-0.5, dim=-1)
+    torch.testing.assert_close(lse, ref_lse, **TOL)
+    loss, ref_loss = (merged * 1.5).sum() + lse.sum(), (ref * 1.5).sum() + ref_lse.sum()
+    for a, b in zip(torch.autograd.grad(loss, (q, k, v)), torch.autograd.grad(ref_loss, (q, k, v))):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def test_model_with_chunked_attention_equals_sdpa_model():
     base = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=100, max_seq_len=64)
     torch.manual_seed(0)

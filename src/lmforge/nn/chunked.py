@@ -174,11 +174,16 @@ def _forward(q, k, v, scale, tiling: _Tiling):
     return out, lse
 
 
-def _backward(q, k, v, out, lse, dout, scale, tiling: _Tiling):
-    """FlashAttention-2's backward: each tile's probabilities are recomputed from the saved lse."""
+def _backward(q, k, v, out, lse, dout, dlse, scale, tiling: _Tiling):
+    """FlashAttention-2's backward: each tile's probabilities are recomputed from the saved lse.
+
+    With a gradient on lse too (when partial results are merged), ∂lse_i/∂s_ij = P_ij adds dlse_i
+    to every dP_ij, i.e. it is subtracted from Δ_i."""
     B, Hkv, G, Tq, D = q.shape
     dq, dk, dv = (torch.zeros_like(_acc(x)) for x in (q, k, v))
     delta = (_acc(dout) * _acc(out)).sum(-1)  # (B, Hkv, G, Tq): Σ_j P_ij dP_ij = dO_i · O_i
+    if dlse is not None:
+        delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(lse), _acc(dlse))
     lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # empty rows: every p is exp(-inf) = 0
     scratch = _Scratch(lse)
     for i0, i1 in tiling.q_tiles():
@@ -207,13 +212,16 @@ class ChunkedAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale, tiling):
         out, lse = _forward(q, k, v, scale, tiling)
         ctx.save_for_backward(q, k, v, out, lse)
+        ctx.set_materialize_grads(False)  # dlse is None unless lse was used
         ctx.scale, ctx.tiling = scale, tiling
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.scale, ctx.tiling)
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.scale, ctx.tiling)
         return dq, dk, dv, None, None
 
 

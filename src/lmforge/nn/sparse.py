@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmforge.nn.chunked import AttentionInputError, merge_partials
+from lmforge.nn.chunked import AttentionInputError, chunked_attention, merge_partials
 
 PATTERNS = ("local", "strided", "fixed")
 
@@ -224,16 +224,18 @@ def _columns(q, k, v, pat: SparsePattern, key_ok, scale):
 
 
 def _shared(q, k, v, pat: SparsePattern, key_ok, scale, keys: torch.Tensor):
-    """Keys every query may see (summaries, global tokens), minus what the band and columns cover."""
+    """Keys every query may see (summaries, global tokens), minus what the band and columns cover:
+    the gathered keys go through the tiled online softmax of ``chunked``, so memory stays O(T)."""
     B, Hkv, G, T, D = q.shape
     i = torch.arange(T, device=q.device)[:, None]  # (T, 1)
     j = keys[None, :]  # (1, S)
     ok = ~pat.band(i, j) & ~pat.column(i, j)
     if pat.causal:
         ok = ok & (j <= i)
-    ok = (ok[None] & key_ok[:, keys][:, None, :])[:, None, None]  # (B|1, 1, 1, T, S)
-    s = (q @ k[:, :, None, keys].transpose(-2, -1)) * scale  # (B, Hkv, G, T, S)
-    return _softmax_part(s.masked_fill(~ok, float("-inf")), v[:, :, None, keys])
+    ok = (ok[None] & key_ok[:, keys][:, None, :])[:, None]  # (B|1, 1, T, S)
+    o, lse = chunked_attention(q.reshape(B, Hkv * G, T, D), k[:, :, keys], v[:, :, keys], mask=ok, scale=scale,
+                               return_lse=True)  # fmt: skip
+    return o.view(B, Hkv, G, T, -1), lse.view(B, Hkv, G, T)
 
 
 def _global_rows(q, k, v, pat: SparsePattern, key_ok, scale, rows: torch.Tensor):
