@@ -180,7 +180,7 @@ def _backward(q, k, v, out, lse, dout, dlse, scale, tiling: _Tiling):
     With a gradient on lse too (when partial results are merged), ∂lse_i/∂s_ij = P_ij adds dlse_i
     to every dP_ij, i.e. it is subtracted from Δ_i."""
     B, Hkv, G, Tq, D = q.shape
-    dq, dk, dv = (torch.zeros_like(_acc(x)) for x in (q, k, v))
+    dq, dk, dv = (torch.zeros(x.shape, dtype=lse.dtype, device=x.device) for x in (q, k, v))  # contiguous
     delta = (_acc(dout) * _acc(out)).sum(-1)  # (B, Hkv, G, Tq): Σ_j P_ij dP_ij = dO_i · O_i
     if dlse is not None:
         delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(lse), _acc(dlse))
@@ -196,11 +196,14 @@ def _backward(q, k, v, out, lse, dout, dlse, scale, tiling: _Tiling):
             shape = (B, Hkv, rows, j1 - j0)
             p = _scores(qi, kj, tiling.tile_mask(i0, i1, j0, j1), scratch.get("p", *shape))
             p.sub_(lse_i).exp_()  # P, recomputed
-            dv[:, :, j0:j1] += p.transpose(-2, -1) @ doi  # (B, Hkv, bk, D), summed over the group's rows
+            bk = j1 - j0
+            p3, q3, do3 = p.view(-1, rows, bk), qi.reshape(-1, rows, D), doi.reshape(-1, rows, doi.shape[-1])
+            # accumulate in place: dV_j += Pᵀ dO (summed over the group's rows), (B·Hkv, bk, Dv)
+            dv[:, :, j0:j1].view(-1, bk, dv.shape[-1]).baddbmm_(p3.transpose(-2, -1), do3)
             ds = torch.matmul(doi, vj.transpose(-2, -1), out=scratch.get("ds", *shape))  # dP
-            ds.sub_(delta_i).mul_(p)  # dS = P ∘ (dP − Δ)
-            dqi += ds @ kj
-            dk[:, :, j0:j1] += ds.transpose(-2, -1) @ qi  # qi carries the scale already
+            ds3 = ds.sub_(delta_i).mul_(p).view(-1, rows, bk)  # dS = P ∘ (dP − Δ)
+            dqi.view(-1, rows, D).baddbmm_(ds3, kj.reshape(-1, bk, D))
+            dk[:, :, j0:j1].view(-1, bk, D).baddbmm_(ds3.transpose(-2, -1), q3)  # qi carries the scale already
         dq[:, :, :, i0:i1] = (dqi * scale).view(B, Hkv, G, i1 - i0, D)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
