@@ -192,7 +192,8 @@ def _band(q, k, v, pat: SparsePattern, key_ok, scale):
         p = s.sub_(m_new[..., None]).exp_() if inplace else torch.exp(s - m_new[..., None])
         l = l * alpha + p.sum(-1)  # noqa: E741
         if inplace:
-            acc.mul_(alpha[..., None]).view(-1, G * b, acc.shape[-1]).baddbmm_(p.view(-1, G * b, b), vp[sl].view(-1, b, vp.shape[-1]))
+            acc3 = acc.mul_(alpha[..., None]).view(-1, G * b, acc.shape[-1])  # (nq·B·Hkv, G·b, Dv)
+            acc3.baddbmm_(p.view(-1, G * b, b), vp[sl].view(-1, b, vp.shape[-1]))
         else:
             acc = acc * alpha[..., None] + p @ vp[sl]
         m = m_new
