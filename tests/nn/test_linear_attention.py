@@ -11,6 +11,7 @@ from lmforge.config import ConfigError, ModelConfig
 from lmforge.inference.generate import DecoderRunner
 from lmforge.models import build_model
 from lmforge.nn.attention import reference_attention
+from lmforge.nn.chunked import AttentionInputError
 from lmforge.nn.linear_attention import FeatureMap, LinearAttentionCache, linear_attention, linear_attention_step
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -96,10 +97,21 @@ def test_decode_state_is_constant_in_size():
                 model.hidden(torch.tensor([[t], [t + 1]]), attention_mask=torch.ones(2, t + 1, dtype=torch.bool),
                              input_pos=torch.tensor([t]))  # fmt: skip
         assert sum(b.numel() for c in caches for b in c.buffers()) == sizes[max_len]
-    assert sizes[16] == sizes[128] == 2 * 2 * 2 * (8 * 8 + 8)  # layers x batch x KV heads x (F·D + F)
+    assert sizes[16] == sizes[128] == 2 * (2 * 2 * (8 * 8 + 8) + 1)  # layers x (batch x KV heads x (F·D + F) + position)
     softmax = build_model(_tiny())
     softmax.setup_cache(2, 128)
     assert sum(b.numel() for c in softmax.stack.caches for b in c.buffers()) > 10 * sizes[128]
+
+
+def test_the_state_cannot_rewind():
+    fm = FeatureMap("elu", 16)
+    cache = LinearAttentionCache(2, 2, 16, 16)
+    q, k, v = _qkv(T=6)
+    cache.attend(q[:, :, :5], k[:, :, :5], v[:, :, :5], fm, torch.arange(5))
+    cache.attend(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], fm, torch.tensor([5]))
+    with pytest.raises(AttentionInputError, match="cannot go back to 3 .speculative decoding rewinds."):
+        cache.attend(q[:, :, 3:4], k[:, :, 3:4], v[:, :, 3:4], fm, torch.tensor([3]))
+    cache.attend(q, k, v, fm, torch.arange(6))  # a new prompt from position 0 is always fine
 
 
 def test_linear_model_trains_and_round_trips(tmp_path):

@@ -159,6 +159,7 @@ class LinearAttentionCache(nn.Module):
         super().__init__()
         self.register_buffer("s", torch.zeros(batch, n_kv_head, n_features, head_dim, dtype=dtype, device=device), persistent=False)
         self.register_buffer("z", torch.zeros(batch, n_kv_head, n_features, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("next_pos", torch.zeros((), dtype=torch.long, device=device), persistent=False)
 
     def reorder(self, index: torch.Tensor) -> None:
         self.s.copy_(self.s[index])
@@ -166,6 +167,12 @@ class LinearAttentionCache(nn.Module):
 
     def attend(self, q, k, v, feature_map: FeatureMap, input_pos: torch.Tensor, key_valid=None, chunk: int = 64):
         """Outputs for the new tokens (B, H, t, Dv); the state moves past them."""
+        if not torch.compiler.is_compiling():  # (a compiled decode step only ever continues)
+            start, expected = int(input_pos[0]), int(self.next_pos)
+            if start not in (0, expected):
+                raise AttentionInputError(f"linear attention's state already holds positions up to {expected - 1} and cannot "
+                                          f"go back to {start} (speculative decoding rewinds): decode without a draft model.")  # fmt: skip
+        self.next_pos.copy_(input_pos[-1] + 1)
         fresh = (input_pos[0] == 0).to(self.s.dtype)  # a new prompt: forget the previous one (no sync)
         state = (self.s * (1 - fresh), self.z * (1 - fresh))
         if q.shape[2] == 1:
