@@ -109,8 +109,9 @@ def test_gradients_flow_through_the_lse_of_merged_parts():
         torch.testing.assert_close(a, b, **TOL)
 
 
-def test_model_with_chunked_attention_equals_sdpa_model():
-    base = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=100, max_seq_len=64)
+@pytest.mark.parametrize("hkv", [4, 2])  # q, k, v are strided views of the fused projection
+def test_model_with_chunked_attention_equals_sdpa_model(hkv):
+    base = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=hkv, d_ff=64, vocab_size=100, max_seq_len=64)
     torch.manual_seed(0)
     sdpa = build_model(ModelConfig.from_name("smollm2-135m", **base))
     chunked = build_model(ModelConfig.from_name("smollm2-135m", **base, attn_impl="chunked"))

@@ -190,7 +190,7 @@ def _backward(q, k, v, out, lse, dout, dlse, scale, tiling: _Tiling):
         qi, doi = _rows(q, i0, i1) * scale, _rows(dout, i0, i1)  # (B, Hkv, G·bq, D)
         lse_i, delta_i = _rows(lse, i0, i1)[..., None], _rows(delta, i0, i1)[..., None]  # (B, Hkv, G·bq, 1)
         rows = qi.shape[2]
-        dqi = torch.zeros_like(qi)
+        dqi = torch.zeros(qi.shape, dtype=qi.dtype, device=qi.device)  # contiguous, whatever q's layout
         for j0, j1 in tiling.k_tiles(i0, i1):
             kj, vj = _acc(k[:, :, j0:j1]), _acc(v[:, :, j0:j1])
             shape = (B, Hkv, rows, j1 - j0)
