@@ -144,6 +144,8 @@ def test_bad_options_are_one_sentence():
         _tiny(attention="linear", attention_options={"feature_map": "relu"})
     with pytest.raises(ConfigError, match="unknown linear attention option"):
         _tiny(attention="linear", attention_options={"features": 8})
+    with pytest.raises(ConfigError, match="linear attention's chunk=0 must be a positive whole number"):
+        _tiny(attention="linear", attention_options={"chunk": 0})
     with pytest.raises(ConfigError, match="is built for causal decoder models"):
         ModelConfig.from_name("bert-base", n_layer=1, attention="linear")
     with pytest.raises(ConfigError, match="attention_options apply to attention='sparse' or 'linear'"):

@@ -208,6 +208,10 @@ def check_options(options: dict | None) -> dict:
     if unknown:
         raise AttentionInputError(f"unknown linear attention option(s) {', '.join(unknown)}; known: {', '.join(sorted(OPTIONS))}.")
     options.setdefault("feature_map", "elu")
+    for name in ("n_features", "chunk"):
+        value = options.get(name, 1)
+        if not isinstance(value, int) or value < 1:
+            raise AttentionInputError(f"linear attention's {name}={value!r} must be a positive whole number.")
     if options["feature_map"] not in FEATURE_MAPS:
         raise AttentionInputError(f"unknown linear-attention feature map {options['feature_map']!r}; choose one of {', '.join(FEATURE_MAPS)}.")
     return options
