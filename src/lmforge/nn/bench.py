@@ -249,7 +249,12 @@ def plot(records: list[dict], path: Path) -> Path:
 def cmd_bench_attention(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    lengths = [int(x) for x in args.lengths.split(",")]
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        raise UserError(f"--lengths {args.lengths!r} is not a comma-separated list of whole numbers, e.g. 4096,8192.") from None
+    if min(lengths) < 1:
+        raise UserError("--lengths must be positive sequence lengths.")
     kinds = args.kinds.split(",") if args.kinds else list(KINDS)
     records = bench_attention(lengths, kinds, heads=args.heads, head_dim=args.head_dim, repeats=args.repeats,
                               backward=args.backward, out_dir=args.out)  # fmt: skip
