@@ -21,7 +21,8 @@ PLACEMENTS = ("pre", "post")
 FFNS = ("mlp", "glu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
-ATTN_IMPLS = ("sdpa", "reference")
+ATTN_IMPLS = ("sdpa", "reference", "chunked")
+ATTENTIONS = ("softmax", "sparse", "linear")
 HEADS = (None, "mlm", "seq_cls", "token_cls")
 
 
@@ -71,7 +72,9 @@ class ModelConfig:
     type_vocab_size: int = 0  # BERT token-type embeddings (0: none)
 
     # --- attention -------------------------------------------------------------------------
-    attn_impl: str = "sdpa"  # sdpa (fast) | reference (textbook formula)
+    attn_impl: str = "sdpa"  # sdpa (fast) | reference (textbook formula) | chunked (online softmax, O(T) memory)
+    attention: str = "softmax"  # softmax | sparse (block-sparse pattern) | linear (kernel feature maps)
+    attention_options: dict[str, Any] | None = None  # sparse: pattern, window, ...; linear: feature_map, ...
     attn_scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0
     sliding_window: int | None = None  # attend to at most this many past positions
 
@@ -145,6 +148,11 @@ class ModelConfig:
         one_of("ffn", FFNS)
         one_of("activation", ACTIVATIONS)
         one_of("attn_impl", ATTN_IMPLS)
+        one_of("attention", ATTENTIONS)
+        if self.attn_impl == "chunked" or self.attention != "softmax" or self.attention_options:
+            from lmforge.nn.long_context import check_config
+
+            check_config(self)
         one_of("head", HEADS)
         for name in ("vocab_size", "n_embd", "n_head", "n_kv_head", "head_dim", "d_ff", "max_seq_len"):
             if getattr(self, name) < 1:

@@ -235,6 +235,8 @@ def save_pretrained(model: TransformerModel, out_dir: str | Path, tokenizer=None
     cfg = model.config
     fam = FAMILIES.get(cfg.family)
     reason = fam.fits(cfg) if fam else f"family {cfg.family!r} has no Hugging Face twin"
+    if reason is None and cfg.attention != "softmax":  # sparse / linear layers: not what the family's model computes
+        reason = f"attention={cfg.attention!r} has no Hugging Face equivalent"
     if reason is None:
         hf_cfg, state = fam.hf_config(cfg), convert_to_hf(model)
     else:

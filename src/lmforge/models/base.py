@@ -118,7 +118,7 @@ class Stack(nn.Module):
         make = lambda n: nn.ModuleList(  # noqa: E731
             KVCache(batch, layer.n_kv_head, n, layer.head_dim, dtype=dtype, device=device) for _ in self.layers
         )
-        self.caches = make(max_len)
+        self.caches = nn.ModuleList(block.attn.new_cache(batch, max_len, dtype, device) for block in self.layers)
         self.cross_caches = make(memory_len) if memory_len is not None else None
 
     def clear_cache(self) -> None:

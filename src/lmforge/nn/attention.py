@@ -2,8 +2,10 @@
 
     Attention(Q, K, V) = softmax(Q Kᵀ / √d_k + bias, masked) · V
 
-``reference_attention`` is that formula in plain tensor ops; ``attend`` dispatches to it or to
-PyTorch's fused ``F.scaled_dot_product_attention`` (``cfg.attn_impl``). Tests hold the two equal.
+``reference_attention`` is that formula in plain tensor ops; ``attend`` dispatches to it, to
+PyTorch's fused ``F.scaled_dot_product_attention`` or to the tiled online softmax of ``nn/chunked.py``
+(``cfg.attn_impl``). Tests hold them equal. Sparse and linear layers (``cfg.attention``) are
+dispatched to ``nn/long_context.py``.
 Masks are boolean, True = may attend, broadcastable to (B, H, Tq, Tk).
 """
 
@@ -14,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.nn import long_context
+from lmforge.nn.chunked import chunked_attention
 from lmforge.nn.positions import apply_rope
 
 
@@ -60,6 +64,8 @@ def attend(
         # compiled one-token decoding: inductor fuses the formula with RoPE and the cache write into
         # one kernel per layer, faster than a call to the SDPA kernel (~36 vs ~56 us a layer, SmolLM2)
         return reference_attention(q, k, v, mask, bias, is_causal, scale, dropout_p)
+    if impl == "chunked" and bias is None and dropout_p == 0:
+        return chunked_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale)
     attn_mask = mask
     if bias is not None:  # fold the mask into the additive bias
         attn_mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
@@ -145,6 +151,8 @@ class Attention(nn.Module):
         self.cross = cross
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.scale, self.impl, self.dropout_p = cfg.scale, cfg.attn_impl, cfg.attn_dropout
+        self.kind = "softmax" if cross else cfg.attention  # softmax | sparse | linear
+        long_context.setup(self, cfg)
         q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         if cross:
             self.q = nn.Linear(cfg.n_embd, q_dim, bias=cfg.qkv_bias)
@@ -152,6 +160,10 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(cfg.n_embd, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.o = nn.Linear(q_dim, cfg.n_embd, bias=cfg.attn_out_bias)
+
+    def new_cache(self, batch: int, max_len: int, dtype=torch.float32, device=None) -> nn.Module:
+        """This layer's decoding memory: a KVCache, or a linear layer's constant-size state."""
+        return long_context.new_cache(self, batch, max_len, dtype, device)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T, _ = x.shape
@@ -185,6 +197,9 @@ class Attention(nn.Module):
             q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.kind != "softmax":  # sparse / linear layers: nn/long_context.py
+                y = long_context.attend_kind(self, q, k, v, mask=mask, is_causal=is_causal, cache=cache, input_pos=input_pos)
+                return self.o(y.transpose(1, 2).reshape(B, T, q_dim))
             if cache is not None:  # read the slots the mask covers
                 k, v = cache.update(input_pos, k, v, None if mask is None else mask.shape[-1])
         y = attend(
