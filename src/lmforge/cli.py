@@ -64,17 +64,17 @@ def _generation_setup(args: argparse.Namespace):
     return gen, params
 
 
-def _print_stream(gen, prompt, params) -> None:
-    """Stream one reply to stdout, then its token count and speed to stderr."""
+def _print_stream(gen, reply) -> None:
+    """Print a reply (``gen.stream(...)``) to stdout as it comes, then its token count and speed to stderr."""
     import time
 
     start = time.perf_counter()
-    for piece in gen.stream(prompt, **params):
+    for piece in reply:
         print(piece, end="", flush=True)
     elapsed = time.perf_counter() - start
-    n = len(gen.last_completions[0].token_ids)
+    n = len(reply.completion.token_ids)
     print(flush=True)
-    t = gen.last_timing
+    t = reply.timing
     if t.get("decode_steps", 0) > 1:  # the prompt and a compilation apart from the steady rate
         steps, secs, compiling = t["decode_steps"], t["decode_s"], ""
         if gen.step is not None:  # compile=True: the first step of a new shape compiles (or loads) its graph
@@ -91,7 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = args.prompt
     if args.chat or args.system:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
-    _print_stream(gen, prompt, params)
+    _print_stream(gen, gen.stream(prompt, **params))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -118,17 +118,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "user", "content": line})
         while True:  # drop the oldest turns while the conversation overflows the context
             try:
-                _print_stream(gen, system + history, params)
+                reply = gen.stream(system + history, **params)  # checks the prompt before any output
                 break
             except PromptError:
                 if len(history) <= 1:
                     raise
                 history = history[2:]
                 print("(oldest turn dropped: the conversation outgrew the context)", file=sys.stderr)
-            except KeyboardInterrupt:  # Ctrl-C ends the reply, not the chat
-                print("\n(reply interrupted)", file=sys.stderr)
-                break
-        history.append({"role": "assistant", "content": gen.last_completions[0].text})
+        try:
+            _print_stream(gen, reply)
+        except KeyboardInterrupt:  # Ctrl-C ends the reply, not the chat
+            print("\n(reply interrupted)", file=sys.stderr)
+        history.append({"role": "assistant", "content": reply.completion.text})
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -138,7 +139,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"),
           max_queue=args.max_queue, embedding_model=args.embedding_model, kv_cache_gb=args.kv_cache_gb,
-          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)  # fmt: skip
+          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+          served_model_name=args.served_model_name)  # fmt: skip
 
 
 def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
@@ -227,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache")
     s.add_argument("--max-model-len", type=int, default=None, help="context per sequence (default: the model's)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together in one batch")
+    s.add_argument("--served-model-name", default=None,
+                   help="the name clients pass as 'model' (default: the checkpoint's file or directory name)")
     s.set_defaults(func=cmd_serve)
 
     # Other verbs register here (one add_parser block each).
