@@ -58,7 +58,18 @@ def _generation_setup(args: argparse.Namespace):
 
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     draft = load_model(args.draft) if args.draft else None
-    gen = Generator(model, tokenizer, compile=args.compile, quantize=args.quantize, draft_model=draft)
+    compile = args.compile
+    if compile == "background" and (draft is not None or model.config.arch != "decoder"):
+        compile = False  # only a decoder's sampling loop has a compiled step to take over
+    if compile == "background":  # say when the compiled step takes over (once)
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("(%(message)s)"))
+        engine_log = logging.getLogger("lmforge.engine")
+        engine_log.addHandler(handler)
+        engine_log.setLevel(logging.INFO)
+    gen = Generator(model, tokenizer, compile=compile, quantize=args.quantize, draft_model=draft)
     params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop))
     return gen, params
@@ -77,7 +88,7 @@ def _print_stream(gen, reply) -> None:
     t = reply.timing
     if t.get("decode_steps", 0) > 1:  # the prompt and a compilation apart from the steady rate
         steps, secs, compiling = t["decode_steps"], t["decode_s"], ""
-        if gen.step is not None:  # compile=True: the first step of a new shape compiles (or loads) its graph
+        if t.get("step") == "compiled":  # the first step of a new shape compiles (or loads) its graph
             steps, secs = steps - 1, secs - t["first_step_s"]
             compiling = f", step compiled in {t['first_step_s']:.1f} s" if t["first_step_s"] > 0.5 else ""
         speed = f"first token after {t['prefill_s']:.2f} s{compiling}, then {steps / secs:.1f} tokens/s"
@@ -154,7 +165,10 @@ def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_
     s.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.add_argument("--compile", action="store_true", help="compile the decode step (slow first reply, faster after)")
+    s.set_defaults(compile="background")  # answer at once, eagerly; the compiled step takes over when built
+    s.add_argument("--compile", action="store_const", const=True, dest="compile",
+                   help="compile the decode step before the first reply (default: in the background while answering)")
+    s.add_argument("--no-compile", action="store_const", const=False, dest="compile", help="decode eagerly only")
     s.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 linear layers")
     s.add_argument("--draft", default=None, help="draft model for speculative decoding (greedy: --temperature 0)")
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.engine.output import OutputProcessor
+from lmforge.engine.runner import CompiledStep
 from lmforge.engine.sampler import Sampler, SamplingParams
 
 
@@ -37,9 +38,12 @@ class Row:
 def decode_batch(runner, rows: list[Row], timing: dict | None = None) -> Iterator[tuple[int, str]]:
     """Generate until every row is finished; yields (row index, text piece) as text becomes certain.
     ``timing`` (if given) receives prefill_s (prompt to first token), decode_s and decode_steps
-    (the tokens after the first), and first_step_s (the first of those steps, compilation included)."""
+    (the tokens after the first), first_step_s (the first of those steps, compilation included) and
+    step: "compiled" (every step compiled), "eager", or "switched" (a background compile took over)."""
     sampler = Sampler()
     params, generators = [r.params for r in rows], [r.generator for r in rows]
+    compiled_from_start = isinstance(getattr(runner, "step", None), CompiledStep)
+    switched = False
     start = time.perf_counter()
     logits = runner.prefill()
     steps = 0
@@ -58,11 +62,14 @@ def decode_batch(runner, rows: list[Row], timing: dict | None = None) -> Iterato
             first = time.perf_counter()
         if all(r.finish_reason is not None for r in rows):
             break
+        if getattr(runner, "pending", None) is not None:
+            switched = runner.take_compiled_step()  # a step compiled in the background takes over once ready
         logits = runner.extend(torch.tensor(out.token_ids, device=logits.device)[:, None])
         steps += 1
         if steps == 1:
             first_step = time.perf_counter() - first
     if timing is not None:
-        timing.update(prefill_s=first - start, decode_s=time.perf_counter() - first, decode_steps=steps)
+        timing.update(prefill_s=first - start, decode_s=time.perf_counter() - first, decode_steps=steps,
+                      step="compiled" if compiled_from_start else "switched" if switched else "eager")  # fmt: skip
         if steps:
             timing["first_step_s"] = first_step  # where a compiled step compiles

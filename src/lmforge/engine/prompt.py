@@ -1,10 +1,12 @@
-"""The one prompt check (library and server alike) and the token budget a prompt leaves."""
+"""The one prompt check (library and server alike), chat messages to ids, and the token budget a
+prompt leaves."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from lmforge.engine.sampler import SamplingError
+from lmforge.errors import UserError
 
 
 class PromptError(SamplingError):
@@ -50,3 +52,16 @@ def token_budget(prompt_len: int, max_new_tokens: int, config, context: int) -> 
     (an encoder-decoder's decoder starts from one start token)."""
     room = context - 1 if config.arch == "encoder-decoder" else context - prompt_len
     return max(1, min(max_new_tokens, room))
+
+
+def chat_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of chat messages through the tokenizer's chat template, ready for the assistant's
+    turn. A tokenizer without a template, or a template that rejects the messages, is a PromptError
+    (param "messages")."""
+    if tokenizer is None or tokenizer.chat_template is None:
+        raise PromptError("chat messages need a tokenizer with a chat template; pass plain text instead.", "messages")
+    try:
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+    except UserError as e:  # the template is invalid, or rejected the messages (its raise_exception)
+        raise PromptError(str(e), "messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)

@@ -20,12 +20,18 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
+import os
+import threading
+import time
 import types
 from collections.abc import Sequence
 
 import torch
 
 from lmforge.nn.kv_cache import Chunk, PagedBatch, PagedKVCache
+
+log = logging.getLogger("lmforge.engine")
 
 
 # --- the paged runner ----------------------------------------------------------------------------
@@ -153,7 +159,7 @@ class DecoderRunner:
     """
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, use_cache: bool = True,
-                 step=None, extra_slots: int = 0):  # fmt: skip
+                 step=None, extra_slots: int = 0, pending: "BackgroundStep | None" = None):  # fmt: skip
         self.model, self.use_cache, self.step = model, use_cache, step or _decode_step
         device = model.device
         lens = torch.tensor([len(p) for p in prompts], device=device)
@@ -161,7 +167,12 @@ class DecoderRunner:
         self.batch_size, self.prompt_len = B, T
         self.max_len = T + max_new_tokens + extra_slots
         if isinstance(step, CompiledStep):  # compiled: a few cache sizes, so a few graphs serve every call
-            self.max_len = max(self.max_len, min(-(-self.max_len // CACHE_BUCKET) * CACHE_BUCKET, model.config.max_seq_len))
+            bucket = max(step.min_len, -(-self.max_len // CACHE_BUCKET) * CACHE_BUCKET)
+            self.max_len = max(self.max_len, min(bucket, model.config.max_seq_len))
+        # a step compiling in the background can take over mid-generation if the cache has its shape
+        self.pending = pending if pending is not None and B == 1 and use_cache and self.max_len <= pending.warm_len else None
+        if self.pending is not None:
+            self.max_len = pending.warm_len
         ids = torch.zeros(B, T, dtype=torch.long, device=device)
         for i, p in enumerate(prompts):
             ids[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long, device=device)
@@ -191,6 +202,25 @@ class DecoderRunner:
             logits = self.model(self.prompt_ids, attention_mask=mask, position_ids=position_ids)[:, -1]
         self.cur = T
         return logits
+
+    def take_compiled_step(self) -> bool:
+        """If the background step is ready, continue on it: the cache moves into the step's own
+        buffers of this shape (those its graph was compiled for). True when it switched."""
+        pending = self.pending
+        step = pending.ready() if pending is not None else None
+        if step is None:
+            return False
+        self.pending = None
+        key = (self.batch_size, self.max_len)
+        if key not in step.caches:
+            return False
+        pending.announce()
+        with torch.inference_mode():
+            for new, old in zip(step.caches[key], self.model.stack.caches):
+                new.k.copy_(old.k)
+                new.v.copy_(old.v)
+        self.model.stack.caches, self.step = step.caches[key], step
+        return True
 
     @torch.inference_mode()
     def extend(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -226,15 +256,20 @@ class DecoderRunner:
     def reorder(self, index: torch.Tensor) -> None:
         """Rows become rows ``index`` of before (beam search)."""
         self.slot_mask, self.next_pos = self.slot_mask[index], self.next_pos[index]
-        if self.use_cache:
-            for cache in self.model.stack.caches:
-                cache.reorder(index)
-        else:
-            self.seq = self.seq[index]
+        _reorder(self, self.model.stack.caches, index)
 
     def close(self) -> None:
         if self.use_cache:
             self.model.clear_cache()
+
+
+def _reorder(runner, caches, index: torch.Tensor) -> None:
+    """Reorder a contiguous runner's rows: its caches', or (no cache) its token sequences."""
+    if runner.use_cache:
+        for cache in caches:
+            cache.reorder(index)
+    else:
+        runner.seq = runner.seq[index]
 
 
 class Seq2SeqRunner:
@@ -293,16 +328,11 @@ class Seq2SeqRunner:
 
     def reorder(self, index: torch.Tensor) -> None:
         self.src_mask, self.memory = self.src_mask[index], self.memory[index]
-        if self.use_cache:
-            # self-attention, and cross-attention: the memory of the source each row now belongs to
-            for cache in [*self.model.decoder.caches, *self.model.decoder.cross_caches]:
-                cache.reorder(index)
-        else:
-            self.seq = self.seq[index]
+        # self-attention, and cross-attention: the memory of the source each row now belongs to
+        caches = [*self.model.decoder.caches, *self.model.decoder.cross_caches] if self.use_cache else []
+        _reorder(self, caches, index)
 
-    def close(self) -> None:
-        if self.use_cache:
-            self.model.clear_cache()
+    close = DecoderRunner.close
 
 
 def make_runner(model, prompts, max_new_tokens, **kw):
@@ -336,9 +366,11 @@ class CompiledStep:
       ~2.5x at batch 8.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, min_len: int = 0):
         from lmforge.inference.quantize import Int8Linear
 
+        use_disk_cache()
+        self.min_len = min_len  # runners size their cache at least this (the shape compiled ahead)
         self.int8 = any(isinstance(m, Int8Linear) for m in model.modules())
         kw = dict(mode="max-autotune-no-cudagraphs" if self.int8 else "default", fullgraph=True, dynamic=False)
         self.vector_fn, self.matrix_fn = compile_decode_step(**kw), compile_decode_step(**kw)
@@ -384,3 +416,68 @@ def input_major_twin(model):
         if type(m) is torch.nn.Linear:
             m.weight = torch.nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=False)
     return twin
+
+
+def use_disk_cache() -> None:
+    """Keep inductor's compiled artifacts (FX graph and AOT caches) in a stable directory,
+    ``$LMFORGE_CACHE`` or ~/.cache/lmforge, so a second start loads the step instead of compiling it
+    (unless TORCHINDUCTOR_CACHE_DIR already says where)."""
+    root = os.environ.get("LMFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmforge")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "inductor"))
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+
+
+def sharing_copy(model):
+    """Another module object with the very same parameters and buffers (own cache attributes)."""
+    return copy.deepcopy(model, {id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
+
+
+class BackgroundStep:
+    """A ``CompiledStep`` built in a background thread while the caller decodes eagerly.
+
+    The thread compiles the batch-1 step on a copy of the model that shares its weights (so the
+    eager decoding beside it keeps its own cache), with a cache of ``warm_len`` slots; runners then
+    size their caches to at least that, so the graph compiled here is the one they use. ``ready()``
+    is the step once compiled, else None; a failure leaves decoding eager (logged)."""
+
+    def __init__(self, model, warm_len: int | None = None):
+        self.warm_len = min(warm_len or 4 * CACHE_BUCKET, model.config.max_seq_len)
+        self.step = CompiledStep(model, min_len=self.warm_len)
+        self.error: BaseException | None = None
+        self.seconds: float | None = None
+        self._done = threading.Event()
+        self._announced = False
+        self.thread = threading.Thread(target=self._build, args=(model,), name="lmforge-compile", daemon=True)
+        self.thread.start()
+
+    def _build(self, model) -> None:
+        start = time.perf_counter()
+        try:
+            shadow = sharing_copy(model)
+            runner = DecoderRunner(shadow, [[0]], self.warm_len - 1, step=self.step)
+            runner.prefill()
+            runner.extend(torch.zeros(1, 1, dtype=torch.long, device=shadow.device))  # compiles (or loads) the graph
+            self.seconds = time.perf_counter() - start
+        except Exception as e:  # noqa: BLE001 - decoding stays eager; say why
+            self.error = e
+            log.warning("compiling the decode step in the background failed (%s: %s); decoding stays eager",
+                        type(e).__name__, e)  # fmt: skip
+        finally:
+            self._done.set()
+
+    def announce(self) -> None:
+        """Log the switch to the compiled step, once."""
+        if not self._announced:
+            self._announced = True
+            log.info("switched to the compiled decode step (built in the background in %.0f s)", self.seconds)
+
+    def ready(self) -> CompiledStep | None:
+        return self.step if self._done.is_set() and self.error is None else None
+
+    def wait(self, timeout: float | None = None) -> CompiledStep | None:
+        self._done.wait(timeout)
+        return self.ready()

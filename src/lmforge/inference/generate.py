@@ -24,8 +24,8 @@ import torch
 
 from lmforge.engine.batch import Row, decode_batch
 from lmforge.engine.output import OutputProcessor, stop_token_ids
-from lmforge.engine.prompt import PromptError, check_prompt, token_budget
-from lmforge.engine.runner import CompiledStep, make_runner
+from lmforge.engine.prompt import PromptError, chat_ids, check_prompt, token_budget
+from lmforge.engine.runner import BackgroundStep, CompiledStep, make_runner
 from lmforge.engine.sampler import SamplingError, SamplingParams, make_generator
 from lmforge.errors import UserError
 
@@ -199,6 +199,8 @@ class Generator:
 
     compile=True   compiles the one-token decode step (inductor, weights frozen as constants);
                    the first call pays for compilation, later calls of the same shapes do not
+    compile="background"  answers at once, eagerly, while a thread compiles the batch-1 step;
+                   calls that start once it is ready use it (the swap is logged once)
     quantize="int8" generates with a copy whose linear layers are weight-only int8
     draft_model    a smaller model of the same vocabulary for speculative decoding (greedy only)
     """
@@ -223,11 +225,27 @@ class Generator:
                     f"the draft model's vocabulary ({draft_model.config.vocab_size}) differs from the target's "
                     f"({model.config.vocab_size}): use a draft model with the same tokenizer."
                 )
-        self.step = None
+        self._step, self._background = None, None
         if compile:
             if model.config.arch != "decoder":
                 raise PromptError("compile=True compiles the decoder-only decode step; encoder-decoder models run eagerly.")
-            self.step = CompiledStep(model)
+            if compile == "background":
+                self._background = BackgroundStep(model)
+            else:
+                self._step = CompiledStep(model)
+
+    @property
+    def step(self):
+        """The compiled decode step in use (None: eager). A background compile is swapped in at the
+        start of the first call after it is ready."""
+        if self._step is None and self._background is not None and self._background.ready() is not None:
+            self._step = self._background.ready()
+            self._background.announce()
+        return self._step
+
+    @step.setter
+    def step(self, value) -> None:
+        self._step = value
 
     @property
     def context(self) -> int:
@@ -242,9 +260,7 @@ class Generator:
         if isinstance(prompt, str) and chat:
             prompt = [{"role": "user", "content": prompt}]
         if _is_messages(prompt):
-            if tok is None or tok.chat_template is None:
-                raise PromptError("chat messages need a tokenizer with a chat template; pass plain text instead.")
-            return tok.encode(tok.apply_chat_template(list(prompt), add_generation_prompt=True), add_special_tokens=False)
+            return chat_ids(tok, prompt)
         if isinstance(prompt, str):
             if not prompt:
                 raise PromptError("the prompt is empty: give at least one character of text.")
@@ -301,7 +317,9 @@ class Generator:
 
         def pieces(run: GenerationRun) -> Iterator[tuple[int, str]]:
             max_new = max(r.out.max_new for r in rows)
-            runner = make_runner(self.model, [r.prompt for r in rows], max_new, use_cache=use_cache, step=self.step)
+            step = self.step
+            pending = {"pending": self._background} if step is None and self._background is not None else {}
+            runner = make_runner(self.model, [r.prompt for r in rows], max_new, use_cache=use_cache, step=step, **pending)
             try:
                 yield from decode_batch(runner, rows, run.timing)
             finally:
@@ -390,16 +408,16 @@ def _generator(model, tokenizer, compile, quantize, draft_model, num_draft_token
     """A Generator for the call. What is costly to prepare (the quantised copy, the compiled step)
     is kept per model and options, so it happens once per version of the weights (it is redone
     after training steps); neither refers back to the model, so the entry goes when the model does."""
-    prepared, step = None, None
+    prepared, step, background = None, None, None
     if compile or quantize is not None:
         per_model = _prepared.setdefault(model, {})
         key, version = (compile, quantize), weights_version(model)
         if key not in per_model or per_model[key][0] != version:
             g = Generator(model, compile=compile, quantize=quantize)
-            per_model[key] = (version, g.model if quantize is not None else None, g.step)
-        _, prepared, step = per_model[key]
+            per_model[key] = (version, g.model if quantize is not None else None, g._step, g._background)
+        _, prepared, step, background = per_model[key]
     g = Generator(prepared if prepared is not None else model, tokenizer, draft_model=draft_model, num_draft_tokens=num_draft_tokens)
-    g.step = step
+    g._step, g._background = step, background
     return g
 
 

@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import UserError
 from lmforge.engine import Engine, EngineConfig, QueueFullError, SamplingError, SamplingParams, SequenceOutput, TokenLogprob
-from lmforge.engine.prompt import token_budget
+from lmforge.engine.prompt import chat_ids, token_budget
 from lmforge.engine.sampler import MAX_LOGPROBS
 
 log = logging.getLogger("lmforge.serve")
@@ -463,12 +463,9 @@ def create_app(
             raise bad("'messages' must be a non-empty array of messages.", "messages")
         messages = [_message_text(m, i) for i, m in enumerate(messages)]
         try:
-            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            prompt = chat_ids(engine.tokenizer, messages)
         except UserError as e:
             raise bad(str(e), "messages") from None
-        except ValueError as e:
-            raise bad(f"the chat template rejected these messages: {e}", "messages") from None
-        prompt = engine.tokenizer.encode(text, add_special_tokens=False)
         want = body.get("logprobs", "bool", False)
         top = body.get("top_logprobs", "int", lo=0, hi=MAX_LOGPROBS)
         if top is not None and not want:
