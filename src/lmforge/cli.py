@@ -8,6 +8,7 @@ one sentence and exit with status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -97,12 +98,21 @@ def _print_stream(gen, reply) -> None:
     print(f"[{n} tokens, {speed}]", file=sys.stderr, flush=True)
 
 
+def _note_compile_at_exit(gen) -> None:
+    """Let a background compile finish before exiting (one cut off at exit is lost, and the next
+    start would compile again); Ctrl-C skips it."""
+    if gen._background is not None and gen._background.building:
+        print("(finishing the compiled step so the next start is warm; Ctrl-C skips)", file=sys.stderr, flush=True)
+        gen._background.wait()
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     gen, params = _generation_setup(args)
     prompt = args.prompt
     if args.chat or args.system:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
     _print_stream(gen, gen.stream(prompt, **params))
+    _note_compile_at_exit(gen)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -117,9 +127,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
             line = input("> ")
         except EOFError:
             print(file=sys.stderr)
-            return
+            return _note_compile_at_exit(gen)
         if line.strip() in ("/exit", "/quit"):
-            return
+            return _note_compile_at_exit(gen)
         if line.strip() == "/reset":
             history = []
             print("(history cleared)", file=sys.stderr)
@@ -144,8 +154,6 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import os
-
     from lmforge.serve.server import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"),
@@ -165,7 +173,8 @@ def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_
     s.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.set_defaults(compile="background")  # answer at once, eagerly; the compiled step takes over when built
+    # default: answer at once, eagerly, while the compiled step builds ($LMFORGE_COMPILE: background, on, off)
+    s.set_defaults(compile={"on": True, "off": False}.get(os.environ.get("LMFORGE_COMPILE", ""), "background"))
     s.add_argument("--compile", action="store_const", const=True, dest="compile",
                    help="compile the decode step before the first reply (default: in the background while answering)")
     s.add_argument("--no-compile", action="store_const", const=False, dest="compile", help="decode eagerly only")

@@ -17,10 +17,10 @@ from lmforge.inference import Generator, SamplingParams
 from lmforge.models import build_model
 
 
-def tiny():
+def tiny(vocab_size: int = 100):
     torch.manual_seed(0)
-    cfg = ModelConfig.from_name("smollm2-135m", n_layer=2, n_embd=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=100,
-                                max_seq_len=256)  # fmt: skip
+    cfg = ModelConfig.from_name("smollm2-135m", n_layer=2, n_embd=32, n_head=4, n_kv_head=2, d_ff=64,
+                                vocab_size=vocab_size, max_seq_len=256)  # fmt: skip
     return build_model(cfg).eval()
 
 
@@ -101,3 +101,22 @@ def test_compiled_artifacts_are_kept_on_disk(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"} | {"LMFORGE_CACHE": str(tmp_path)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
     assert any((tmp_path / "inductor" / "fxgraph").iterdir())  # the next start finds the step here
+
+
+@pytest.mark.slow  # compiles a tiny model in a fresh process
+def test_cli_generate_answers_eagerly_then_finishes_the_compile_before_exiting(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from lmforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    tiny(tok.vocab_size).save_pretrained(tmp_path / "m", tokenizer=tok)
+    env = {k: v for k, v in os.environ.items() if k not in ("LMFORGE_COMPILE", "TORCHINDUCTOR_CACHE_DIR")}
+    env["LMFORGE_CACHE"] = str(tmp_path / "cache")
+    r = subprocess.run([sys.executable, "-m", "lmforge.cli", "generate", str(tmp_path / "m"), "-p", "Hi",
+                        "--max-new-tokens", "4"], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "[4 tokens" in r.stderr and "failed" not in r.stderr
+    assert any((tmp_path / "cache" / "inductor").iterdir())  # the finished compile is on disk for the next start

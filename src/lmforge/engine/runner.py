@@ -421,11 +421,14 @@ def input_major_twin(model):
 def use_disk_cache() -> None:
     """Keep inductor's compiled artifacts (FX graph and AOT caches) in a stable directory,
     ``$LMFORGE_CACHE`` or ~/.cache/lmforge, so a second start loads the step instead of compiling it
-    (unless TORCHINDUCTOR_CACHE_DIR already says where)."""
-    root = os.environ.get("LMFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmforge")
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(root, "inductor"))
+    (unless TORCHINDUCTOR_CACHE_DIR was set to another directory)."""
     import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    root = os.environ.get("LMFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmforge")
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):  # not chosen by the user
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")
 
     inductor_config.fx_graph_cache = True
     functorch_config.enable_autograd_cache = True
@@ -451,7 +454,9 @@ class BackgroundStep:
         self.seconds: float | None = None
         self._done = threading.Event()
         self._announced = False
-        self.thread = threading.Thread(target=self._build, args=(model,), name="lmforge-compile", daemon=True)
+        # not a daemon: a compile cut off at interpreter exit aborts the process; the exit waits for it
+        # instead, which also leaves the artifacts in the disk cache for the next start
+        self.thread = threading.Thread(target=self._build, args=(model,), name="lmforge-compile")
         self.thread.start()
 
     def _build(self, model) -> None:
@@ -464,6 +469,8 @@ class BackgroundStep:
             self.seconds = time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 - decoding stays eager; say why
             self.error = e
+            if not threading.main_thread().is_alive():  # cut off by the interpreter's exit: nothing to report
+                return
             log.warning("compiling the decode step in the background failed (%s: %s); decoding stays eager",
                         type(e).__name__, e)  # fmt: skip
         finally:
@@ -477,6 +484,10 @@ class BackgroundStep:
 
     def ready(self) -> CompiledStep | None:
         return self.step if self._done.is_set() and self.error is None else None
+
+    @property
+    def building(self) -> bool:
+        return not self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> CompiledStep | None:
         self._done.wait(timeout)
