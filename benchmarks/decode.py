@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from lmforge import ModelConfig, load_model
-from lmforge.inference import Generator
+from lmforge.inference import Generator, SamplingParams
 from lmforge.inference.quantize import Int8Linear
 from lmforge.models import build_model
 
@@ -125,8 +125,7 @@ def theirs_decode(hf, prompts: torch.Tensor, new: int) -> float:
 
 
 def ours_decode(gen: Generator, prompts: list[list[int]], new: int) -> float:
-    gen.complete(prompts, max_new_tokens=new, temperature=0, ignore_eos=True)
-    t = gen.last_timing
+    t = gen.run(prompts, SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)).finish().timing
     return t["decode_steps"] * len(prompts) / t["decode_s"]
 
 

@@ -8,6 +8,7 @@ one sentence and exit with status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -58,26 +59,37 @@ def _generation_setup(args: argparse.Namespace):
 
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     draft = load_model(args.draft) if args.draft else None
-    gen = Generator(model, tokenizer, compile=args.compile, quantize=args.quantize, draft_model=draft)
+    compile = args.compile
+    if compile == "background" and (draft is not None or model.config.arch != "decoder"):
+        compile = False  # only a decoder's sampling loop has a compiled step to take over
+    if compile == "background":  # say when the compiled step takes over (once)
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("(%(message)s)"))
+        engine_log = logging.getLogger("lmforge.engine")
+        engine_log.addHandler(handler)
+        engine_log.setLevel(logging.INFO)
+    gen = Generator(model, tokenizer, compile=compile, quantize=args.quantize, draft_model=draft)
     params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop))
     return gen, params
 
 
-def _print_stream(gen, prompt, params) -> None:
-    """Stream one reply to stdout, then its token count and speed to stderr."""
+def _print_stream(gen, reply) -> None:
+    """Print a reply (``gen.stream(...)``) to stdout as it comes, then its token count and speed to stderr."""
     import time
 
     start = time.perf_counter()
-    for piece in gen.stream(prompt, **params):
+    for piece in reply:
         print(piece, end="", flush=True)
     elapsed = time.perf_counter() - start
-    n = len(gen.last_completions[0].token_ids)
+    n = len(reply.completion.token_ids)
     print(flush=True)
-    t = gen.last_timing
+    t = reply.timing
     if t.get("decode_steps", 0) > 1:  # the prompt and a compilation apart from the steady rate
         steps, secs, compiling = t["decode_steps"], t["decode_s"], ""
-        if gen.step is not None:  # compile=True: the first step of a new shape compiles (or loads) its graph
+        if t.get("step") == "compiled":  # the first step of a new shape compiles (or loads) its graph
             steps, secs = steps - 1, secs - t["first_step_s"]
             compiling = f", step compiled in {t['first_step_s']:.1f} s" if t["first_step_s"] > 0.5 else ""
         speed = f"first token after {t['prefill_s']:.2f} s{compiling}, then {steps / secs:.1f} tokens/s"
@@ -86,12 +98,21 @@ def _print_stream(gen, prompt, params) -> None:
     print(f"[{n} tokens, {speed}]", file=sys.stderr, flush=True)
 
 
+def _note_compile_at_exit(gen) -> None:
+    """Let a background compile finish before exiting (one cut off at exit is lost, and the next
+    start would compile again); Ctrl-C skips it."""
+    if gen._background is not None and gen._background.building:
+        print("(finishing the compiled step so the next start is warm; Ctrl-C skips)", file=sys.stderr, flush=True)
+        gen._background.wait()
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     gen, params = _generation_setup(args)
     prompt = args.prompt
     if args.chat or args.system:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
-    _print_stream(gen, prompt, params)
+    _print_stream(gen, gen.stream(prompt, **params))
+    _note_compile_at_exit(gen)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -106,9 +127,9 @@ def cmd_chat(args: argparse.Namespace) -> None:
             line = input("> ")
         except EOFError:
             print(file=sys.stderr)
-            return
+            return _note_compile_at_exit(gen)
         if line.strip() in ("/exit", "/quit"):
-            return
+            return _note_compile_at_exit(gen)
         if line.strip() == "/reset":
             history = []
             print("(history cleared)", file=sys.stderr)
@@ -118,28 +139,27 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "user", "content": line})
         while True:  # drop the oldest turns while the conversation overflows the context
             try:
-                _print_stream(gen, system + history, params)
+                reply = gen.stream(system + history, **params)  # checks the prompt before any output
                 break
             except PromptError:
                 if len(history) <= 1:
                     raise
                 history = history[2:]
                 print("(oldest turn dropped: the conversation outgrew the context)", file=sys.stderr)
-            except KeyboardInterrupt:  # Ctrl-C ends the reply, not the chat
-                print("\n(reply interrupted)", file=sys.stderr)
-                break
-        history.append({"role": "assistant", "content": gen.last_completions[0].text})
+        try:
+            _print_stream(gen, reply)
+        except KeyboardInterrupt:  # Ctrl-C ends the reply, not the chat
+            print("\n(reply interrupted)", file=sys.stderr)
+        history.append({"role": "assistant", "content": reply.completion.text})
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import os
-
     from lmforge.serve.server import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"),
           max_queue=args.max_queue, embedding_model=args.embedding_model, kv_cache_gb=args.kv_cache_gb,
           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_body_bytes=args.max_body_bytes,
-          allowed_origins=args.allowed_origins)  # fmt: skip
+          allowed_origins=args.allowed_origins, served_model_name=args.served_model_name)  # fmt: skip
 
 
 def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
@@ -153,7 +173,11 @@ def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_
     s.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.add_argument("--compile", action="store_true", help="compile the decode step (slow first reply, faster after)")
+    # default: answer at once, eagerly, while the compiled step builds ($LMFORGE_COMPILE: background, on, off)
+    s.set_defaults(compile={"on": True, "off": False}.get(os.environ.get("LMFORGE_COMPILE", ""), "background"))
+    s.add_argument("--compile", action="store_const", const=True, dest="compile",
+                   help="compile the decode step before the first reply (default: in the background while answering)")
+    s.add_argument("--no-compile", action="store_const", const=False, dest="compile", help="decode eagerly only")
     s.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 linear layers")
     s.add_argument("--draft", default=None, help="draft model for speculative decoding (greedy: --temperature 0)")
 
@@ -231,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache")
     s.add_argument("--max-model-len", type=int, default=None, help="context per sequence (default: the model's)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together in one batch")
+    s.add_argument("--served-model-name", default=None,
+                   help="the name clients pass as 'model' (default: the checkpoint's file or directory name)")
     s.set_defaults(func=cmd_serve)
 
     # Other verbs register here (one add_parser block each).

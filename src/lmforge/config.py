@@ -20,7 +20,7 @@ NORMS = ("layernorm", "rmsnorm")
 PLACEMENTS = ("pre", "post")
 FFNS = ("mlp", "glu")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3")
+ROPE_TYPES = ("default", "linear", "ntk", "yarn", "llama3")
 ATTN_IMPLS = ("sdpa", "reference", "chunked")
 ATTENTIONS = ("softmax", "sparse", "linear")
 HEADS = (None, "mlm", "seq_cls", "token_cls")
@@ -65,7 +65,7 @@ class ModelConfig:
     # --- positions -------------------------------------------------------------------------
     position: str = "learned"  # learned | sinusoidal | rope | t5 | alibi | none
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # {"type": linear|ntk|dynamic|yarn|llama3, "factor": ..., ...}
+    rope_scaling: dict[str, Any] | None = None  # {"type": linear|ntk|yarn|llama3, "factor": ..., ...}
     rotary_dim: int | None = None  # None: the whole head dim
     t5_num_buckets: int = 32
     t5_max_distance: int = 128
@@ -170,6 +170,11 @@ class ModelConfig:
                 raise ConfigError(f"rotary_dim={rd} must be even and at most head_dim={self.head_dim}.")
             if self.rope_scaling is not None:
                 kind = self.rope_scaling.get("type", "default")
+                if kind == "dynamic":
+                    raise ConfigError(
+                        "rope_scaling type 'dynamic' rescales the frequencies as the sequence grows, which keys already "
+                        "in a KV cache cannot follow: use 'ntk' (the same NTK-aware scaling, fixed) or 'yarn'."
+                    )
                 if kind not in ROPE_TYPES:
                     raise ConfigError(f"rope_scaling type {kind!r} is not supported; choose one of {', '.join(ROPE_TYPES)}.")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.attn_dropout < 1.0:
@@ -180,10 +185,6 @@ class ModelConfig:
             raise ConfigError(f"pooling={self.pooling!r} is not supported; choose mean or cls.")
 
     # ------------------------------------------------------------------------------------------
-    @property
-    def is_decoder(self) -> bool:
-        return self.arch == "decoder"
-
     @property
     def scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else 1.0 / math.sqrt(self.head_dim)

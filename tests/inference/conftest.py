@@ -18,6 +18,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def eager_cli(monkeypatch):
+    """The CLI compiles in the background by default; these tests check its eager output and
+    timing lines, so they run with LMFORGE_COMPILE=off (the background path: tests/engine)."""
+    monkeypatch.setenv("LMFORGE_COMPILE", "off")
+
+
 def _perturb(model, std: float) -> None:
     """Random init leaves norms at 1 and biases at 0 and gives flat distributions; spread the
     logits so greedy decoding walks through many different tokens."""

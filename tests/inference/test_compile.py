@@ -44,7 +44,7 @@ def test_compiled_equals_eager_and_models_keep_their_own_weights():
 
 
 def test_batch_one_runs_an_input_major_twin_that_shares_everything_else():
-    from lmforge.inference.generate import input_major_twin
+    from lmforge.engine.runner import input_major_twin
 
     model = _model(2)
     twin = input_major_twin(model)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmforge.errors import UserError
-from lmforge.inference import Generator, PromptError, SamplingError, complete, generate, stream
+from lmforge.inference import Generator, PromptError, SamplingError, SamplingParams, complete, generate, stream
 
 PROMPTS = [[5, 17, 42, 8, 3], [9, 1], [4, 60, 4, 60, 4, 33, 12, 7, 80, 2, 2]]
 
@@ -164,9 +164,10 @@ def test_speculative_greedy_is_identical_to_the_target_alone(tiny_gpt2, tiny_gpt
         gen = Generator(target, draft_model=draft, num_draft_tokens=k)
         for prompt in PROMPTS:
             alone = complete(target, None, prompt, max_new_tokens=50, temperature=0)
-            assert gen.complete(prompt, max_new_tokens=50, temperature=0).token_ids == alone.token_ids
+            run = gen.run([gen.encode(prompt)], SamplingParams(max_new_tokens=50, temperature=0)).finish()
+            assert run.completions[0].token_ids == alone.token_ids
         if draft is target:
-            assert gen.last_stats["accepted"] == gen.last_stats["drafted"]
+            assert run.draft_stats["accepted"] == run.draft_stats["drafted"]
 
 
 def test_speculative_refuses_sampling(tiny_gpt2, tiny_gpt2_draft):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lmforge.errors import UserError
-from lmforge.inference.sampling import (
-    IncrementalDetokenizer,
+from lmforge.engine.output import IncrementalDetokenizer
+from lmforge.engine.sampler import (
     SamplingBatch,
     SamplingError,
     SamplingParams,

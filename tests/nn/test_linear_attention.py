@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmforge.config import ConfigError, ModelConfig
-from lmforge.inference.generate import DecoderRunner
+from lmforge.engine.runner import DecoderRunner
 from lmforge.models import build_model
 from lmforge.nn.attention import reference_attention
 from lmforge.nn.chunked import AttentionInputError

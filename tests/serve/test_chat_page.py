@@ -7,7 +7,7 @@ import time
 import pytest
 from serve_helpers import running_server, tiny_model
 
-from lmforge.serve.engine import Engine, EngineConfig
+from lmforge.engine import Engine, EngineConfig
 from lmforge.serve.server import create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -8,11 +8,11 @@ from serve_helpers import tiny_model
 import lmforge
 from lmforge.config import ConfigError, ModelConfig
 from lmforge.inference import complete
-from lmforge.inference.sampling import SamplingError, SamplingParams
+from lmforge.engine.sampler import SamplingError, SamplingParams
 from lmforge.models import build_model
-from lmforge.serve import engine as engine_mod
-from lmforge.serve.engine import ContextLengthError, Engine, EngineConfig, QueueFullError
-from lmforge.serve.paged import PagedKVCache, build_step, paged_forward
+from lmforge.engine import ContextLengthError, Engine, EngineConfig, QueueFullError
+from lmforge.engine.runner import build_batch, run_paged
+from lmforge.nn.kv_cache import PagedKVCache
 
 
 def prompts_of(tokenizer, n, base="The quick brown fox jumps over the lazy dog. "):
@@ -34,7 +34,7 @@ def test_paged_forward_matches_full_forward(overrides):
     sizes = dict(n_layer=2, n_embd=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=100, max_seq_len=64)
     cfg = ModelConfig.from_name("smollm2-135m", **{**sizes, **overrides})
     model = build_model(cfg).eval()
-    cache = PagedKVCache(cfg, 16, 4, torch.float32)
+    cache = PagedKVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, 16, 4, torch.float32)
     a, b = torch.randint(0, 100, (13,)).tolist(), torch.randint(0, 100, (9,)).tolist()
     ta, tb = [5, 2, 7, 9], [1, 3, 11]  # scattered, out-of-order blocks
 
@@ -43,13 +43,13 @@ def test_paged_forward_matches_full_forward(overrides):
             return model(torch.tensor([seq]))[0, -1]
 
     # step 1: a's first 6 tokens and all of b, as two prefill chunks
-    out = paged_forward(model, cache, build_step([], [(ta, 0, a[:6]), (tb, 0, b)], [5, 14], 4))
+    out = run_paged(model, build_batch(cache, [], [(ta, 0, a[:6]), (tb, 0, b)], [5, 14]))
     torch.testing.assert_close(out, torch.stack([ref(a[:6]), ref(b)]), atol=1e-5, rtol=1e-5)
     # step 2: one decode for b beside a's second chunk, which attends to the cached first one
-    out = paged_forward(model, cache, build_step([(tb, 9, 42)], [(ta, 6, a[6:12])], [0, 6], 4))
+    out = run_paged(model, build_batch(cache, [(tb, 9, 42)], [(ta, 6, a[6:12])], [0, 6]))
     torch.testing.assert_close(out, torch.stack([ref(b + [42]), ref(a[:12])]), atol=1e-5, rtol=1e-5)
     # step 3: two decodes of different lengths (padding mask)
-    out = paged_forward(model, cache, build_step([(tb, 10, 7), (ta, 12, a[12])], [], [0, 1], 4))
+    out = run_paged(model, build_batch(cache, [(tb, 10, 7), (ta, 12, a[12])], [], [0, 1]))
     torch.testing.assert_close(out, torch.stack([ref(b + [42, 7]), ref(a)]), atol=1e-5, rtol=1e-5)
 
 
@@ -206,7 +206,7 @@ def test_a_failing_sink_or_step_never_takes_the_engine_down(tiny, tokenizer, mon
         ok = engine.generate([tokenizer.encode("fine")], greedy(5, ignore_eos=True))[0][0]
         assert ok.finish_reason == "length" and len(ok.token_ids) == 5
 
-        real = engine_mod.paged_forward
+        real = engine.runner.execute
         calls = {"n": 0}
 
         def fails_once(*args):
@@ -215,7 +215,7 @@ def test_a_failing_sink_or_step_never_takes_the_engine_down(tiny, tokenizer, mon
                 raise RuntimeError("simulated kernel failure")
             return real(*args)
 
-        monkeypatch.setattr(engine_mod, "paged_forward", fails_once)
+        monkeypatch.setattr(engine.runner, "execute", fails_once)
         failed = engine.generate([tokenizer.encode("unlucky")], greedy(5))[0][0]
         assert failed.finish_reason == "error" and "simulated kernel failure" in failed.error
         later = engine.generate([tokenizer.encode("fine again")], greedy(5, ignore_eos=True))[0][0]

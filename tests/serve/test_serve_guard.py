@@ -9,7 +9,7 @@ import openai
 import pytest
 from serve_helpers import running_server
 
-from lmforge.serve.engine import Engine, EngineConfig
+from lmforge.engine import Engine, EngineConfig
 from lmforge.serve.server import create_app
 
 MODEL = "tiny"

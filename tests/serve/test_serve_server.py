@@ -14,7 +14,7 @@ import torch
 from serve_helpers import running_server, tiny_model
 
 import lmforge
-from lmforge.serve.engine import Engine, EngineConfig
+from lmforge.engine import Engine, EngineConfig
 from lmforge.serve.server import Embedder, create_app
 
 MODEL = "tiny"
@@ -242,9 +242,7 @@ def test_disconnect_while_waiting_cancels(server):
 
 def test_a_failing_request_gets_500_and_the_server_keeps_serving(server, client, monkeypatch):
     url, engine = server
-    from lmforge.serve import engine as engine_mod
-
-    real, calls = engine_mod.paged_forward, {"n": 0}
+    real, calls = engine.runner.execute, {"n": 0}
 
     def fails_once(*args):
         calls["n"] += 1
@@ -252,7 +250,7 @@ def test_a_failing_request_gets_500_and_the_server_keeps_serving(server, client,
             raise RuntimeError("simulated failure")
         return real(*args)
 
-    monkeypatch.setattr(engine_mod, "paged_forward", fails_once)
+    monkeypatch.setattr(engine.runner, "execute", fails_once)
     err = error_of(httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3}, timeout=30), 500)
     assert "simulated failure" in err["message"] and err["type"] == "server_error"
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=3).choices[0].text is not None

@@ -6,7 +6,7 @@ from serve_helpers import running_server
 
 import lmforge
 from lmforge.checkpoints import load_model
-from lmforge.serve.engine import Engine, EngineConfig
+from lmforge.engine import Engine, EngineConfig
 from lmforge.serve.server import create_app, model_id
 
 

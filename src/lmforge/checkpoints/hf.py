@@ -345,18 +345,17 @@ FAMILIES = {
                  ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")),
 }
 FAMILIES["mistral"] = FAMILIES["qwen2"] = FAMILIES["llama"]
-HF_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "bert": "bert", "t5": "t5"}
 
 
 def family_of(hf: dict) -> str:
     model_type = hf.get("model_type")
     if model_type == "lmforge":
         return "lmforge"
-    if model_type not in HF_MODEL_TYPES:
+    if model_type not in FAMILIES:
         archs = ", ".join(hf.get("architectures") or []) or "none given"
         raise ConfigError(
             f"model_type {model_type!r} (architectures: {archs}) is not supported; supported: "
-            f"{', '.join(sorted(HF_MODEL_TYPES))} (GPT-2, LLaMA/SmolLM, Mistral, Qwen2, BERT/MiniLM, T5)."
+            f"{', '.join(sorted(FAMILIES))} (GPT-2, LLaMA/SmolLM, Mistral, Qwen2, BERT/MiniLM, T5)."
         )
     return model_type
 

@@ -1,9 +1,21 @@
-"""Inference: sampling, KV-cached generation, beam search, speculative decoding, quantisation."""
+"""Inference: ``generate`` / ``stream`` / ``complete`` (synchronous clients of ``lmforge.engine``),
+beam search, speculative decoding, quantisation."""
 
-from lmforge.inference.generate import Completion, Generator, PromptError, StaleWeightsError, complete, generate, stream
-from lmforge.inference.sampling import IncrementalDetokenizer, SamplingError, SamplingParams
+from lmforge.engine.output import IncrementalDetokenizer
+from lmforge.engine.prompt import PromptError
+from lmforge.engine.sampler import SamplingError, SamplingParams
+from lmforge.inference.generate import (
+    Completion,
+    GenerationRun,
+    Generator,
+    StaleWeightsError,
+    TextStream,
+    complete,
+    generate,
+    stream,
+)
 
 __all__ = [
-    "Completion", "Generator", "IncrementalDetokenizer", "PromptError", "SamplingError", "SamplingParams", "StaleWeightsError",
-    "complete", "generate", "stream",
+    "Completion", "GenerationRun", "Generator", "IncrementalDetokenizer", "PromptError", "SamplingError",
+    "SamplingParams", "StaleWeightsError", "TextStream", "complete", "generate", "stream",
 ]

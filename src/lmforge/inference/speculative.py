@@ -14,27 +14,29 @@ from collections.abc import Iterator
 
 import torch
 
-from lmforge.inference.generate import DecoderRunner
-from lmforge.inference.sampling import argmax
+from lmforge.engine.runner import DecoderRunner
+from lmforge.engine.sampler import argmax
 
 
-def speculative_tokens(gen, row, use_cache: bool = True) -> Iterator[tuple[int, str]]:
-    """Generate ``row`` (one prompt, greedy) with ``gen.model`` checking ``gen.draft_model``'s guesses.
-    Yields (0, text piece) like ``sample_tokens``; ``gen.last_stats`` counts passes and accepted tokens."""
+def speculative_tokens(gen, row, stats: dict, use_cache: bool = True) -> Iterator[tuple[int, str]]:
+    """Generate ``row`` (an ``engine.batch.Row``: one prompt, greedy) with ``gen.model`` checking
+    ``gen.draft_model``'s guesses. Yields (0, text piece) like ``decode_batch``; fills ``stats``
+    with the target passes, drafted and accepted tokens."""
     k = gen.num_draft_tokens
-    target = DecoderRunner(gen.model, [row.prompt], row.max_new, use_cache=use_cache, extra_slots=k + 1)
-    draft = DecoderRunner(gen.draft_model, [row.prompt], row.max_new, use_cache=use_cache, extra_slots=k + 1)
-    stats = gen.last_stats = {"target_passes": 0, "drafted": 0, "accepted": 0}
+    out = row.out  # the output processor: text and the finish rule
+    target = DecoderRunner(gen.model, [row.prompt], out.max_new, use_cache=use_cache, extra_slots=k + 1)
+    draft = DecoderRunner(gen.draft_model, [row.prompt], out.max_new, use_cache=use_cache, extra_slots=k + 1)
+    stats.update(target_passes=0, drafted=0, accepted=0)
     try:
         token = int(argmax(target.prefill()))
         draft.prefill()
         pending = [token]  # tokens the draft has not consumed yet
-        piece = row.accept(token)
+        piece = out.accept(token)
         if piece:
             yield 0, piece
         while row.finish_reason is None:
             # 1. the draft guesses k tokens greedily (fewer near the end)
-            n_guess = min(k, row.max_new - len(row.tokens))
+            n_guess = min(k, out.max_new - len(out.token_ids))
             guesses = []
             logits = draft.extend(torch.tensor([pending], device=draft.slot_mask.device))
             for i in range(n_guess):
@@ -59,7 +61,7 @@ def speculative_tokens(gen, row, use_cache: bool = True) -> Iterator[tuple[int, 
                 pending = []
             new_tokens = guesses[:n_ok] + [preds[n_ok]]
             for t in new_tokens:
-                piece = row.accept(t)
+                piece = out.accept(t)
                 if piece:
                     yield 0, piece
                 if row.finish_reason is not None:

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig
-from lmforge.nn.attention import KVCache, build_mask
+from lmforge.nn.attention import build_mask
+from lmforge.nn.kv_cache import KVCache, PagedBatch
 from lmforge.nn.layers import Block, make_norm
 from lmforge.nn.positions import ALiBi, RotaryEmbedding, T5RelativeBias, sinusoidal_table
 
@@ -73,8 +74,11 @@ class Stack(nn.Module):
         input_pos: torch.Tensor | None = None,  # (T,) cache slots being written; None: no cache
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,  # (B, S)
+        paged: PagedBatch | None = None,  # a packed row of many sequences over a paged KV pool
     ) -> torch.Tensor:
         B, T, _ = h.shape
+        if paged is not None:
+            return self._paged(h, position_ids, paged)
         use_cache = input_pos is not None
         if use_cache and self.caches is None:
             raise RuntimeError("input_pos given but no KV cache is set up: call model.setup_cache(batch, max_len) first.")
@@ -109,6 +113,17 @@ class Stack(nn.Module):
                 memory=memory, memory_mask=mem_mask,
                 cross_cache=self.cross_caches[i] if self.cross_caches is not None else None,
             )
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.dropout(h) if self.dropout is not None else h
+
+    def _paged(self, h: torch.Tensor, position_ids: torch.Tensor, paged: PagedBatch) -> torch.Tensor:
+        """The same blocks over (1, N) packed tokens; each layer's cache attends per sequence."""
+        paged.prepare(self.rel_bias or self.alibi, self.window)
+        rope = self.rope(position_ids) if self.rope is not None else None
+        cross = self.layers[0].cross_attn is not None
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope=rope, cache=paged.layer(i), cross_cache=paged.cross_layer(i) if cross else None)
         if self.norm is not None:
             h = self.norm(h)
         return self.dropout(h) if self.dropout is not None else h

@@ -7,6 +7,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.models.base import Embeddings, Stack, TransformerModel
+from lmforge.nn.kv_cache import PagedBatch
 
 
 class DecoderLM(TransformerModel):
@@ -27,6 +28,7 @@ class DecoderLM(TransformerModel):
         position_ids: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
         prefix_len: torch.Tensor | None = None,
+        paged: PagedBatch | None = None,
     ) -> torch.Tensor:
         """Final hidden states (B, T, D); see ``forward`` for the arguments."""
         if position_ids is None:
@@ -35,7 +37,8 @@ class DecoderLM(TransformerModel):
             position_ids = pos[None].expand(input_ids.shape[0], T)
         h = self.embed(input_ids, position_ids)
         return self.stack(
-            h, position_ids=position_ids, attention_mask=attention_mask, prefix_len=prefix_len, input_pos=input_pos
+            h, position_ids=position_ids, attention_mask=attention_mask, prefix_len=prefix_len, input_pos=input_pos,
+            paged=paged,
         )
 
     def forward(
@@ -45,6 +48,7 @@ class DecoderLM(TransformerModel):
         position_ids: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
         prefix_len: torch.Tensor | None = None,
+        paged: PagedBatch | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V).
 
@@ -53,8 +57,13 @@ class DecoderLM(TransformerModel):
         position_ids    (B, T) positions (default: 0..T-1, or input_pos with a cache)
         input_pos       (T,) cache slots these tokens are written to (after ``setup_cache``)
         prefix_len      (B,) prefix LM: the first prefix_len tokens attend bidirectionally
+        paged           a ``PagedBatch``: input_ids (1, N) are many sequences' tokens packed in one row,
+                        their K/V in its block pool; logits (1, S, V) of its ``logit_rows`` only
         """
-        return self.lm_head(self.hidden(input_ids, attention_mask, position_ids, input_pos, prefix_len))
+        h = self.hidden(input_ids, attention_mask, position_ids, input_pos, prefix_len, paged)
+        if paged is not None and paged.logit_rows is not None:
+            h = h[:, paged.logit_rows]  # the vocabulary projection only where a token is sampled
+        return self.lm_head(h)
 
     def setup_cache(self, batch_size: int, max_len: int | None = None, dtype=None, device=None) -> None:
         """Preallocate a KV cache of ``max_len`` slots per layer (default: the context length)."""

@@ -7,6 +7,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.models.base import Embeddings, Stack, TransformerModel
+from lmforge.nn.kv_cache import PagedBatch
 
 
 class EncoderDecoderLM(TransformerModel):
@@ -37,13 +38,17 @@ class EncoderDecoderLM(TransformerModel):
         memory_mask: torch.Tensor | None = None,  # (B, S)
         decoder_attention_mask: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
+        paged: PagedBatch | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, V) for the decoder tokens."""
-        pos = self._positions(decoder_input_ids, input_pos)
+        """Logits (B, T, V) for the decoder tokens. ``paged``: (1, N) tokens of many sequences packed
+        in one row (their self- and cross-attention K/V in the batch); logits of its ``logit_rows``."""
+        pos = paged.positions[None] if paged is not None else self._positions(decoder_input_ids, input_pos)
         h = self.decoder(
             self.embed(decoder_input_ids, pos), position_ids=pos, attention_mask=decoder_attention_mask,
-            input_pos=input_pos, memory=memory, memory_mask=memory_mask,
+            input_pos=input_pos, memory=memory, memory_mask=memory_mask, paged=paged,
         )
+        if paged is not None and paged.logit_rows is not None:
+            h = h[:, paged.logit_rows]
         if self.config.logit_scale is not None:
             h = h * self.config.logit_scale
         return self.lm_head(h)
@@ -59,6 +64,10 @@ class EncoderDecoderLM(TransformerModel):
             raise ValueError("an encoder-decoder model needs decoder_input_ids (the target prefix) as well as input_ids.")
         memory = self.encode(input_ids, attention_mask)
         return self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
+
+    def cross_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each decoder layer's cross-attention keys and values (B, H_kv, S, D) of an encoder output."""
+        return [layer.cross_attn.memory_kv(memory) for layer in self.decoder.layers]
 
     def setup_cache(self, batch_size: int, memory_len: int, max_len: int | None = None, dtype=None, device=None) -> None:
         """Self-attention cache of ``max_len`` target slots and a cross-attention cache for the memory."""

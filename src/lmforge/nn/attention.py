@@ -1,4 +1,4 @@
-"""Scaled dot-product attention, masks, the KV cache and multi-head (GQA/MQA) attention.
+"""Scaled dot-product attention, masks and multi-head (GQA/MQA) attention; the KV cache (``nn/kv_cache.py``) sits behind it.
 
     Attention(Q, K, V) = softmax(Q Kᵀ / √d_k + bias, masked) · V
 
@@ -18,6 +18,7 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.nn import long_context
 from lmforge.nn.chunked import chunked_attention
+from lmforge.nn.kv_cache import KVCache, PagedCross, PagedLayer
 from lmforge.nn.positions import apply_rope
 
 
@@ -110,34 +111,6 @@ def build_mask(
     return allowed[:, None]  # (B|1, 1, Tq, Tk)
 
 
-# --- KV cache ------------------------------------------------------------------------------------
-class KVCache(nn.Module):
-    """Preallocated keys and values of one layer, holding only the KV heads (GQA).
-
-    ``update(input_pos, k, v, n_slots)`` writes the new positions in place and returns the first
-    ``n_slots`` slots of the buffers (all of them by default) as views: no allocation per step,
-    and the buffers' shapes stay static, which ``torch.compile`` wants. Attention reads as many
-    slots as its mask covers, so a decode step costs what has been written, not the whole buffer.
-    """
-
-    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype=torch.float32, device=None):
-        super().__init__()
-        shape = (batch, n_kv_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Batch row i becomes row ``index[i]`` of before (beam search keeps the surviving beams)."""
-        self.k.copy_(self.k[index])
-        self.v.copy_(self.v[index])
-
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               n_slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k[:, :, :n_slots], self.v[:, :, :n_slots]
-
-
 # --- multi-head attention ------------------------------------------------------------------------
 class Attention(nn.Module):
     """Multi-head attention with n_kv_head <= n_head (MHA, GQA, MQA); self- or cross-attention.
@@ -177,33 +150,42 @@ class Attention(nn.Module):
         mask: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
         is_causal: bool = False,
-        cache: KVCache | None = None,
+        cache: KVCache | PagedLayer | PagedCross | None = None,
         input_pos: torch.Tensor | None = None,
         memory: torch.Tensor | None = None,  # (B, S, C) encoder output, cross-attention only
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q_dim = self.n_head * self.head_dim
+        opts = dict(scale=self.scale, dropout_p=self.dropout_p if self.training else 0.0, impl=self.impl)
         if self.cross:
             q = self._heads(self.q(x), self.n_head)
+            if isinstance(cache, PagedCross):  # each sequence's own encoder keys and values
+                y = cache.attend(q, None, None, attend, **opts)
+                return self.o(y.transpose(1, 2).reshape(B, T, q_dim))
             if memory is not None:
-                k, v = self.kv(memory).split(kv_dim, dim=-1)
-                k, v = self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+                k, v = self.memory_kv(memory)
                 if cache is not None:
                     k, v = cache.update(torch.arange(k.shape[2], device=k.device), k, v)
             else:
                 k, v = cache.k, cache.v
         else:
+            kv_dim = self.n_kv_head * self.head_dim
             q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
             q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if isinstance(cache, PagedLayer):  # a packed row of many sequences over the block pool
+                y = cache.attend(q, k, v, attend, **opts)
+                return self.o(y.transpose(1, 2).reshape(B, T, q_dim))
             if self.kind != "softmax":  # sparse / linear layers: nn/long_context.py
                 y = long_context.attend_kind(self, q, k, v, mask=mask, is_causal=is_causal, cache=cache, input_pos=input_pos)
                 return self.o(y.transpose(1, 2).reshape(B, T, q_dim))
             if cache is not None:  # read the slots the mask covers
                 k, v = cache.update(input_pos, k, v, None if mask is None else mask.shape[-1])
-        y = attend(
-            q, k, v, mask=mask, bias=bias, is_causal=is_causal, scale=self.scale,
-            dropout_p=self.dropout_p if self.training else 0.0, impl=self.impl,
-        )  # (B, H, T, D)
+        y = attend(q, k, v, mask=mask, bias=bias, is_causal=is_causal, **opts)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).reshape(B, T, q_dim))
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values (B, H_kv, S, D) of an encoder output (B, S, C)."""
+        k, v = self.kv(memory).split(self.n_kv_head * self.head_dim, dim=-1)
+        return self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)

@@ -63,7 +63,7 @@ def new_cache(attn, batch: int, max_len: int, dtype, device):
     if attn.kind == "linear":
         fm = attn.feature_map
         return LinearAttentionCache(batch, attn.n_kv_head, fm.n_features, attn.head_dim, dtype=dtype, device=device)
-    from lmforge.nn.attention import KVCache
+    from lmforge.nn.kv_cache import KVCache
 
     return KVCache(batch, attn.n_kv_head, max_len, attn.head_dim, dtype=dtype, device=device)
 

@@ -1,10 +1,10 @@
-"""Serving: a continuous-batching engine over a paged KV cache, and an OpenAI-compatible server.
+"""Serving: an OpenAI-compatible server (FastAPI), an async client of ``lmforge.engine``.
 
-    from lmforge.serve import Engine, EngineConfig, create_app, serve
+    from lmforge.serve import create_app, serve
 
-``blocks`` (the block manager), ``paged`` (paged attention), ``engine`` (scheduler and stepping
-thread), ``server`` (FastAPI app). Names are imported on first use, so the engine does not pull in
-FastAPI.
+``server`` holds the app; the engine it drives (continuous batching over a paged KV cache) is
+``lmforge.engine.Engine``, re-exported here. Names are imported on first use, so the engine does not
+pull in FastAPI.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "BlockManager": "lmforge.serve.blocks",
-    "Engine": "lmforge.serve.engine",
-    "EngineConfig": "lmforge.serve.engine",
+    "Engine": "lmforge.engine",
+    "EngineConfig": "lmforge.engine",
     "Embedder": "lmforge.serve.server",
     "create_app": "lmforge.serve.server",
     "build_app": "lmforge.serve.server",

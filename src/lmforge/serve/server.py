@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
 import logging
 import math
@@ -36,9 +35,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Str
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import UserError
-from lmforge.inference.sampling import MAX_LOGPROBS, SamplingError, SamplingParams
+from lmforge.engine import Engine, EngineConfig, QueueFullError, SamplingError, SamplingParams, SequenceOutput, TokenLogprob
+from lmforge.engine.prompt import chat_ids, token_budget
+from lmforge.engine.sampler import MAX_LOGPROBS
 from lmforge.serve.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
-from lmforge.serve.engine import ContextLengthError, Engine, EngineConfig, QueueFullError, SequenceOutput
 
 log = logging.getLogger("lmforge.serve")
 
@@ -85,10 +85,10 @@ class Embedder:
             for i in range(0, len(inputs), self.batch_size):
                 batch = inputs[i : i + self.batch_size]
                 width = max(len(b) for b in batch)
-                ids = torch.tensor([b + [pad] * (width - len(b)) for b in batch])
-                mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch])
+                ids = torch.tensor([b + [pad] * (width - len(b)) for b in batch], device=self.model.device)
+                mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch], device=self.model.device)
                 out.append(self.model.embed_tokens(ids, mask))
-        return torch.cat(out).float()
+        return torch.cat(out).float().cpu()
 
 
 # --- request parsing -----------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class Body:
             raise bad(f"unknown parameter(s): {', '.join(unknown)}.", unknown[0])
 
 
-def _sampling(body: Body, max_tokens: int | None, logprobs: int, n_max: int = 128) -> tuple[dict, int | None]:
+def _sampling(body: Body, max_tokens: int | None, logprobs: int, n_max: int = 128, echo: bool = False) -> tuple[dict, int | None]:
     """SamplingParams fields common to chat and completions (OpenAI's, then vLLM-style extras)."""
     stop = body.get("stop", "any")
     if isinstance(stop, str):
@@ -168,8 +168,8 @@ def _sampling(body: Body, max_tokens: int | None, logprobs: int, n_max: int = 12
     )
     body.unsupported("logit_bias", allowed=lambda v: not v)
     body.ignore("user", "metadata", "store", "service_tier")
-    if max_tokens is not None and max_tokens < 1:
-        raise bad(f"'max_tokens' must be at least 1, got {max_tokens}.", "max_tokens")
+    if max_tokens is not None and max_tokens < (0 if echo else 1):
+        raise bad(f"'max_tokens' must be at least {0 if echo else 1}, got {max_tokens}.", "max_tokens")
     return fields, max_tokens
 
 
@@ -177,17 +177,19 @@ class Spec:
     """A parsed generation request."""
 
     def __init__(self, prompts: list[list[int]], fields: dict, max_tokens: int | None, stream: bool,
-                 include_usage: bool, want_logprobs: bool):  # fmt: skip
+                 include_usage: bool, want_logprobs: bool, echo: bool = False):  # fmt: skip
         self.prompts, self.fields, self.max_tokens = prompts, fields, max_tokens
         self.stream, self.include_usage, self.want_logprobs = stream, include_usage, want_logprobs
+        self.echo = echo  # completions: the prompt comes back before the completion (its logprobs too)
 
     def params(self, engine: Engine, prompt: list[int], default_max: int | None) -> SamplingParams:
+        if self.max_tokens == 0:  # echo only: one token is generated, and dropped (see _generate)
+            engine.check_prompt(prompt)
+            return SamplingParams(max_new_tokens=1, **self.fields)
+        engine.check_prompt(prompt, self.max_tokens)
         max_new = self.max_tokens if self.max_tokens is not None else default_max
-        if max_new is None:
-            max_new = engine.max_model_len - len(prompt)
-        engine.check_prompt(prompt, max_new if self.max_tokens is not None else None)
-        max_new = min(max_new, engine.max_model_len - len(prompt))
-        return SamplingParams(max_new_tokens=max_new, **self.fields)
+        room = token_budget(len(prompt), engine.max_model_len, engine.model.config, engine.max_model_len)
+        return SamplingParams(max_new_tokens=room if max_new is None else min(max_new, room), **self.fields)
 
 
 def _stream_options(body: Body, stream: bool) -> bool:
@@ -296,10 +298,12 @@ class Pending:
         self.rids: list[str] = []
         self.left = 0
 
-    def add(self, k: int, prompt: list[int], params: SamplingParams, want_logprobs: bool) -> None:
+    def add(self, k: int, prompt: list[int], params: SamplingParams, want_logprobs: bool,
+            prompt_logprobs: int | None = None) -> None:  # fmt: skip
         put = self.queue.put_nowait
         rid = self.engine.add_request(
-            prompt, params, lambda o: self.loop.call_soon_threadsafe(put, (k, o)), want_logprobs=want_logprobs
+            prompt, params, lambda o: self.loop.call_soon_threadsafe(put, (k, o)), want_logprobs=want_logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         self.rids.append(rid)
         self.left += params.n
@@ -424,6 +428,14 @@ def create_app(
                          "max_model_len": embedder.max_len})  # fmt: skip
         return {"object": "list", "data": data}
 
+    @v1.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str):
+        for card in (await models())["data"]:
+            if card["id"] == model_id:
+                return card
+        raise APIError(404, f"the model '{model_id}' does not exist here; GET /v1/models lists what is served.",
+                       "model", "model_not_found")  # fmt: skip
+
     @v1.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
@@ -433,16 +445,18 @@ def create_app(
             raise bad("'prompt' is required.", "prompt")
         prompts = _completion_prompts(prompt, engine.tokenizer)
         lp = body.get("logprobs", "int", lo=0, hi=MAX_LOGPROBS)
-        body.unsupported("echo", allowed=lambda v: v in (None, False))
+        echo = body.get("echo", "bool", False)
         body.unsupported("suffix")
         n = body.data.get("n") or 1
         body.unsupported("best_of", allowed=lambda v: v is None or v == n)
         max_tokens = body.get("max_tokens", "int")
-        fields, max_tokens = _sampling(body, max_tokens, lp or 0)
+        fields, max_tokens = _sampling(body, max_tokens, lp or 0, echo=echo)
         stream = body.get("stream", "bool", False)
+        if echo and stream:
+            raise bad("'echo' is supported without streaming only: drop 'stream' or 'echo'.", "echo")
         usage = _stream_options(body, stream)
         body.check_unknown()
-        spec = Spec(prompts, fields, max_tokens, stream, usage, lp is not None)
+        spec = Spec(prompts, fields, max_tokens, stream, usage, lp is not None, echo)
         return await _generate(request, state, spec, name, chat=False, default_max=16)
 
     @v1.post("/v1/chat/completions")
@@ -454,12 +468,9 @@ def create_app(
             raise bad("'messages' must be a non-empty array of messages.", "messages")
         messages = [_message_text(m, i) for i, m in enumerate(messages)]
         try:
-            text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            prompt = chat_ids(engine.tokenizer, messages)
         except UserError as e:
             raise bad(str(e), "messages") from None
-        except ValueError as e:
-            raise bad(f"the chat template rejected these messages: {e}", "messages") from None
-        prompt = engine.tokenizer.encode(text, add_special_tokens=False)
         want = body.get("logprobs", "bool", False)
         top = body.get("top_logprobs", "int", lo=0, hi=MAX_LOGPROBS)
         if top is not None and not want:
@@ -546,25 +557,21 @@ def _embedding_inputs(value: Any, embedder: Embedder) -> list[list[int]]:
 
 
 # --- generation ----------------------------------------------------------------------------------
-SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 async def _generate(request: Request, state: Server, spec: Spec, name: str, *, chat: bool, default_max: int | None):
     engine = state.engine
     pending = Pending(engine)
     try:
         params = [spec.params(engine, p, default_max) for p in spec.prompts]
+        prompt_lps = spec.fields["logprobs"] if spec.echo and spec.want_logprobs else None
         for k, (prompt, p) in enumerate(zip(spec.prompts, params)):
-            pending.add(k, prompt, p, spec.want_logprobs)
+            pending.add(k, prompt, p, spec.want_logprobs, prompt_lps)
     except QueueFullError as e:
         pending.abort()
         raise APIError(429, str(e), None, "queue_full", "rate_limit_error") from None
-    except ContextLengthError as e:
+    except SamplingError as e:  # the error names its parameter; a prompt's is "messages" in a chat
         pending.abort()
-        raise bad(str(e), "messages" if chat else "prompt") from None
-    except SamplingError as e:  # a parameter's message starts with its name; the rest are about the prompt
-        pending.abort()
-        field = str(e).split(" ", 1)[0]
-        param = field if field in SAMPLING_FIELDS else "messages" if chat else "prompt"
-        raise bad(str(e).replace("max_new_tokens", "max_tokens"), param.replace("max_new_tokens", "max_tokens")) from None
+        param = {"prompt": "messages" if chat else "prompt", "max_new_tokens": "max_tokens"}.get(e.param, e.param)
+        raise bad(str(e).replace("max_new_tokens", "max_tokens"), param) from None
     n = params[0].n
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
@@ -579,11 +586,14 @@ async def _generate(request: Request, state: Server, spec: Spec, name: str, *, c
     async def collect() -> None:
         while pending.left:
             k, out = await pending.next()
-            c = choices.setdefault(k * n + out.index, {"text": "", "ids": [], "lps": [], "reason": None, "error": None})
+            c = choices.setdefault(k * n + out.index, {"text": "", "ids": [], "lps": [], "reason": None, "error": None,
+                                                       "prompt": k, "prompt_lps": None})  # fmt: skip
             c["text"] += out.text
             c["ids"] += out.token_ids
             if out.logprobs:
                 c["lps"] += out.logprobs
+            if out.prompt_logprobs is not None:
+                c["prompt_lps"] = out.prompt_logprobs
             if out.finish_reason is not None:
                 c["reason"], c["error"] = out.finish_reason, out.error
 
@@ -605,11 +615,20 @@ async def _generate(request: Request, state: Server, spec: Spec, name: str, *, c
     errors = [c["error"] for c in choices.values() if c["reason"] == "error"]
     if errors:
         raise APIError(500, f"generation failed: {errors[0]}", None, None, "server_error")
+    if spec.max_tokens == 0:  # echo only: drop the one token generated
+        for c in choices.values():
+            c.update(text="", ids=[], lps=[], reason="length")
     completion_tokens = sum(len(c["ids"]) for c in choices.values())
     out_choices = []
     for i in sorted(choices):
         c = choices[i]
-        lp = _logprobs(state, c["lps"], chat, spec.fields["logprobs"]) if spec.want_logprobs else None
+        lps = c["lps"]
+        if spec.echo:
+            prompt = spec.prompts[c["prompt"]]
+            c["text"] = engine.tokenizer.decode(prompt, skip_special_tokens=False) + c["text"]
+            lps = (c["prompt_lps"] or [TokenLogprob(t, None, []) for t in prompt]) + lps
+            lps[0] = lps[0] or TokenLogprob(prompt[0], None, [])
+        lp = _logprobs(state, lps, chat, spec.fields["logprobs"]) if spec.want_logprobs else None
         if chat:
             out_choices.append({"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": lp,
                                 "finish_reason": c["reason"]})  # fmt: skip
@@ -636,8 +655,9 @@ def _logprobs(state: Server, lps, chat: bool, top: int, text_offset: int = 0) ->
         pos += len(t)
     return {
         "tokens": tokens,
-        "token_logprobs": [x.logprob for x in lps],
-        "top_logprobs": [{state.token_text(i): v for i, v in x.top} for x in lps] if top else None,
+        "token_logprobs": [x.logprob for x in lps],  # None for an echoed prompt's first token
+        "top_logprobs": [{state.token_text(i): v for i, v in x.top} if x.logprob is not None else None for x in lps]
+        if top else None,
         "text_offset": offsets,
     }
 
@@ -746,24 +766,28 @@ def build_app(
     max_model_len: int | None = None,
     max_num_seqs: int = 64,
     dtype: torch.dtype = torch.float32,
+    served_model_name: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
-    """Load the checkpoints and build the app (an encoder given as MODEL is served for embeddings)."""
+    """Load the checkpoints and build the app (an encoder given as MODEL is served for embeddings).
+    ``served_model_name``: the name clients send as ``model`` (default: the checkpoint's file or
+    directory name)."""
     from lmforge.checkpoints import load_model, resolve
     from lmforge.tokenizer import load_tokenizer
 
     generator = embedder = None
     m = load_model(model, dtype=dtype)
+    name = served_model_name or model_id(model)
     if m.config.arch == "encoder" and embedding_model is None:
-        embedder = Embedder(m, load_tokenizer(resolve(model)), model_id(model))
+        embedder = Embedder(m, load_tokenizer(resolve(model)), name)
     else:
         cfg = EngineConfig(kv_cache_gb=kv_cache_gb, max_queue=max_queue, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
         generator = Engine(m, load_tokenizer(resolve(model)), cfg)
         if embedding_model is not None:
             e = load_model(embedding_model, dtype=dtype)
             embedder = Embedder(e, load_tokenizer(resolve(embedding_model)), model_id(embedding_model))
-    return create_app(generator, model_id(model) if generator else None, embedder=embedder, api_key=api_key,
+    return create_app(generator, name if generator else None, embedder=embedder, api_key=api_key,
                       max_body_bytes=max_body_bytes, allowed_origins=allowed_origins)  # fmt: skip
 
 

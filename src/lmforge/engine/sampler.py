@@ -1,4 +1,4 @@
-"""Choosing the next token: sampling parameters, penalties, filters, samplers, streamed text.
+"""The sampler: choosing the next token (sampling parameters, penalties, filters, the draw).
 
 Everything here works on a batch whose rows may each have their own parameters (a server batches
 different requests together), with tensors of per-row values instead of Python loops over rows:
@@ -13,8 +13,8 @@ The order of operations is transformers' one: penalties, then greedy argmax (tem
 temperature -> top-k -> top-p -> min-p -> draw. Logprobs are those of the model's own distribution
 (log-softmax of the raw logits), as OpenAI's API reports them.
 
-``IncrementalDetokenizer`` turns the chosen ids into text pieces that are always whole UTF-8
-characters and that end exactly before the first stop string.
+``Sampler`` is the one step every decoding loop takes (the serving engine's and ``generate``'s):
+penalties over each sequence's tokens, the draw, and the logprobs each sequence asked for.
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ MAX_LOGPROBS = 20  # the most alternatives per position one may ask for (OpenAI'
 
 
 class SamplingError(UserError, ValueError):
-    """Sampling parameters or a generation request that cannot be served; the message says how to fix it."""
+    """Sampling parameters or a generation request that cannot be served; the message says how to fix it.
+    ``param`` names the offending parameter (``max_new_tokens``, ``temperature``, ..., or ``prompt``)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -76,33 +81,33 @@ class SamplingParams:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            raise SamplingError(f"max_new_tokens must be an integer of at least 1, got {self.max_new_tokens!r}.")
+            raise SamplingError(f"max_new_tokens must be an integer of at least 1, got {self.max_new_tokens!r}.", param="max_new_tokens")
         if not is_num(self.temperature) or self.temperature < 0:
-            raise SamplingError(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}.")
+            raise SamplingError(f"temperature must be a number >= 0 (0 means greedy), got {self.temperature!r}.", param="temperature")
         if not is_int(self.top_k) or self.top_k < 0:
-            raise SamplingError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}.")
+            raise SamplingError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k!r}.", param="top_k")
         if not is_num(self.top_p) or not 0 < self.top_p <= 1:
-            raise SamplingError(f"top_p must lie in (0, 1] (1 turns it off), got {self.top_p!r}.")
+            raise SamplingError(f"top_p must lie in (0, 1] (1 turns it off), got {self.top_p!r}.", param="top_p")
         if not is_num(self.min_p) or not 0 <= self.min_p <= 1:
-            raise SamplingError(f"min_p must lie in [0, 1] (0 turns it off), got {self.min_p!r}.")
+            raise SamplingError(f"min_p must lie in [0, 1] (0 turns it off), got {self.min_p!r}.", param="min_p")
         if not is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise SamplingError(f"repetition_penalty must be a number > 0 (1 turns it off), got {self.repetition_penalty!r}.")
+            raise SamplingError(f"repetition_penalty must be a number > 0 (1 turns it off), got {self.repetition_penalty!r}.", param="repetition_penalty")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not is_num(value) or not -2 <= value <= 2:
-                raise SamplingError(f"{name} must lie in [-2, 2] (0 turns it off), got {value!r}.")
+                raise SamplingError(f"{name} must lie in [-2, 2] (0 turns it off), got {value!r}.", param=name)
         if self.seed is not None and not is_int(self.seed):
-            raise SamplingError(f"seed must be an integer or None, got {self.seed!r}.")
+            raise SamplingError(f"seed must be an integer or None, got {self.seed!r}.", param="seed")
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise SamplingError(f"stop must be non-empty strings, got {s!r}.")
+                raise SamplingError(f"stop must be non-empty strings, got {s!r}.", param="stop")
         for t in self.stop_token_ids:
             if not is_int(t) or t < 0:
-                raise SamplingError(f"stop_token_ids must be token ids (integers >= 0), got {t!r}.")
+                raise SamplingError(f"stop_token_ids must be token ids (integers >= 0), got {t!r}.", param="stop_token_ids")
         if not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise SamplingError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (0: none), got {self.logprobs!r}.")
+            raise SamplingError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (0: none), got {self.logprobs!r}.", param="logprobs")
         if not is_int(self.n) or self.n < 1:
-            raise SamplingError(f"n must be an integer of at least 1, got {self.n!r}.")
+            raise SamplingError(f"n must be an integer of at least 1, got {self.n!r}.", param="n")
 
     @property
     def uses_penalties(self) -> bool:
@@ -282,87 +287,48 @@ def sample(
     return SampleOutput(ids, chosen, None, None)
 
 
-# --- text ----------------------------------------------------------------------------------------
-class IncrementalDetokenizer:
-    """Ids in, text pieces out: each piece is whole UTF-8 characters, and the text stops exactly
-    before the first stop string.
+# --- the step every decoding loop takes --------------------------------------------------------
+class Sampled(NamedTuple):
+    token_ids: list[int]  # one per row
+    logprobs: list[float]  # of each chosen token, under the model's own distribution
+    top: list[list[tuple[int, float]]]  # per row, the params.logprobs most likely (id, logprob), best first
 
-        det = IncrementalDetokenizer(tokenizer, stop=("\\n\\n",))
-        for tok in ids:
-            piece = det.push(tok)      # "" while a character or a possible stop string is incomplete
-            if det.stopped: break      # a stop string was found; pieces so far end right before it
-        piece = det.flush()            # the rest, at the end of generation
 
-    Decoding looks back a few tokens (the "prefix window") and emits only the new suffix, so
-    tokenizers whose decoding depends on neighbours (leading spaces, byte fallback) stream the
-    same text that decoding all ids at once gives. Text ending in U+FFFD (an incomplete
-    multi-byte character) is held back until the next token completes it.
-    """
+class Sampler:
+    """Next tokens for a batch of sequences, each with its own parameters and random stream:
+    penalties over the sequence's prompt and output, then ``sample``. The per-row parameter
+    tensors are built once per batch composition (a fixed batch reuses them every step)."""
 
-    def __init__(self, tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True, prefix_ids: Sequence[int] = ()):
-        self.tokenizer = tokenizer
-        self.stop = tuple(stop)
-        self.skip_special_tokens = skip_special_tokens
-        # prefix_ids: the last few prompt tokens, so the first generated token decodes in context
-        self.ids: list[int] = list(prefix_ids)[-6:]
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-        self._start = len(self.ids)
-        self.held = ""  # decoded text not yet released (could start a stop string)
-        self.text = ""  # everything released so far
-        self.stopped = False  # a stop string was reached
-        self.stop_string: str | None = None
+    def __init__(self):
+        self._key: tuple | None = None
+        self._batch: SamplingBatch | None = None
 
-    @property
-    def token_ids(self) -> list[int]:
-        return self.ids[self._start :]
+    def batch_of(self, params: Sequence[SamplingParams], device) -> SamplingBatch:
+        key = tuple(id(p) for p in params)
+        if key != self._key:
+            self._key, self._batch = key, SamplingBatch.from_params(params, device)
+        return self._batch
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
-
-    def push(self, token_id: int) -> str:
-        """Add one generated id; return the text that is now certain (possibly "")."""
-        if self.stopped:
-            return ""
-        self.ids.append(int(token_id))
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""  # nothing new, or an incomplete character: wait for more bytes
-        new = full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return self._release(new, final=False)
-
-    def flush(self) -> str:
-        """At the end of generation: the text still held back (an unfinished character included)."""
-        if self.stopped:
-            return ""
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        new = full[len(prefix) :]
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return self._release(new, final=True)
-
-    def _release(self, new: str, final: bool) -> str:
-        buf = self.held + new
-        if self.stop:
-            hits = [(i, s) for s in self.stop if (i := buf.find(s)) >= 0]
-            if hits:
-                cut, self.stop_string = min(hits)
-                self.stopped, self.held = True, ""
-                self.text += buf[:cut]
-                return buf[:cut]
-        keep = 0 if final else self._partial_stop_len(buf)
-        out, self.held = buf[: len(buf) - keep], buf[len(buf) - keep :]
-        self.text += out
-        return out
-
-    def _partial_stop_len(self, buf: str) -> int:
-        """Length of the longest end of buf that is the beginning of some stop string."""
-        longest = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(buf)), longest, -1):
-                if buf.endswith(s[:n]):
-                    longest = n
-                    break
-        return longest
+    def __call__(
+        self,
+        logits: torch.Tensor,  # (B, V)
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator | None],
+        outputs: Sequence[Sequence[int]],  # tokens generated so far, per row (penalties)
+        prompts: Sequence[Sequence[int]],  # prompt tokens, per row (repetition penalty)
+    ) -> Sampled:
+        batch = self.batch_of(params, logits.device)
+        raw = logits.float()
+        logits = raw
+        if batch.any_penalty:
+            counts = count_tokens(outputs, raw.shape[-1], raw.device)
+            prompt_mask = None
+            if bool((batch.repetition_penalty != 1).any()):
+                prompt_mask = count_tokens(prompts, raw.shape[-1], raw.device) > 0
+            logits = apply_penalties(raw, batch, counts, prompt_mask)
+        out = sample(logits, batch, generators, raw_logits=raw)
+        top: list[list[tuple[int, float]]] = [[] for _ in params]
+        if out.top_ids is not None:
+            ids, lps = out.top_ids.tolist(), out.top_logprobs.tolist()
+            top = [list(zip(ids[i][: p.logprobs], lps[i][: p.logprobs])) for i, p in enumerate(params)]
+        return Sampled(out.token_ids.tolist(), out.logprobs.tolist(), top)

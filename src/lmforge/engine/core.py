@@ -1,4 +1,4 @@
-"""The continuous-batching engine: paged KV cache, block manager, scheduler, one stepping thread.
+"""The engine core: requests in, outputs out; scheduler -> model runner -> sampler -> output processor.
 
     engine = Engine(model, tokenizer, EngineConfig(kv_cache_gb=1.0))
     engine.start()                                   # a background thread steps the model
@@ -6,21 +6,13 @@
         print(out.text, end="")                      # text deltas, then one output with finish_reason
     engine.generate([ids1, ids2], params)            # blocking helper (steps inline without the thread)
 
-Every step the scheduler rebuilds the batch (continuous batching): requests that finished or were
-cancelled leave and their blocks are freed; then, under a token budget per step,
-
-1. every running sequence that is decoding gets its one token (oldest first); if no block is free
-   for it, the newest running sequence is preempted: its blocks are freed and it goes back to the
-   head of the queue, to be recomputed (prompt + what it generated so far) when blocks free up;
-2. sequences still in their prompt get a chunk of it (chunked prefill), so a long prompt costs each
-   step at most the budget and never stalls the decodes running beside it;
-3. waiting requests are admitted, first taking whatever full blocks of their prompt are already
-   in the prefix cache.
-
-One forward (``paged_forward``) then runs over all of it, and the sequences whose prompt is done
-sample their next token with their own parameters (``lmforge.inference.sampling``). Text is
-detokenized incrementally and stop strings are checked here, so a finished sequence frees its
-blocks in the very step it finishes.
+Each ``step``: the ``Scheduler`` picks the decodes and prefill chunks (continuous batching over the
+paged KV cache, chunked prefill, preemption, prefix cache); the ``ModelRunner`` packs them into one
+row and runs the model's own forward over it; the ``Sampler`` picks the next token of every
+sequence whose prompt is done, each with its own parameters; each sequence's ``OutputProcessor``
+detokenizes it and applies the one finish rule, so a finished sequence frees its blocks in the
+very step it finishes. Outputs go to each request's sink (the server's event loop, or a list).
+Decoder-only and encoder-decoder models (the encoder runs once per request) are served alike.
 """
 
 from __future__ import annotations
@@ -35,32 +27,20 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence as Seq
 from dataclasses import dataclass, field
 
-import torch
-
 from lmforge.config import ConfigError
+from lmforge.engine.blocks import BlockManager
+from lmforge.engine.output import OutputProcessor, stop_token_ids
+from lmforge.engine.prompt import check_prompt, token_budget
+from lmforge.engine.runner import ModelRunner
+from lmforge.engine.sampler import MAX_LOGPROBS, Sampler, SamplingError, SamplingParams, make_generator
+from lmforge.engine.scheduler import Scheduler
 from lmforge.errors import UserError
-from lmforge.inference.sampling import (
-    IncrementalDetokenizer,
-    SamplingBatch,
-    SamplingError,
-    SamplingParams,
-    apply_penalties,
-    count_tokens,
-    make_generator,
-    sample,
-)
-from lmforge.serve.blocks import BlockManager
-from lmforge.serve.paged import PagedKVCache, build_step, check_servable, kv_bytes_per_token, paged_forward
 
 log = logging.getLogger("lmforge.serve")
 
 
 class QueueFullError(UserError):
     """The engine's queue of waiting requests is full (HTTP 429)."""
-
-
-class ContextLengthError(SamplingError):
-    """A prompt (plus the tokens asked for) longer than the model's context (HTTP 400)."""
 
 
 @dataclass
@@ -102,6 +82,7 @@ class SequenceOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with a sequence's first output, if asked: None first
 
 
 @dataclass
@@ -115,8 +96,11 @@ class SeqResult:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, out: SequenceOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text += out.text
         self.token_ids += out.token_ids
         if out.logprobs is not None:
@@ -126,21 +110,26 @@ class SeqResult:
 
 
 class Sequence:
-    """One sample being generated: its tokens, KV blocks and sampling state."""
+    """One sample being generated: its tokens, KV blocks, random stream and output."""
 
-    def __init__(self, request: "Request", index: int, prompt: list[int]):
-        self.request, self.index = request, index
-        self.tokens = list(prompt)  # prompt + generated
-        self.num_prompt = len(prompt)
+    def __init__(self, request: "Request", index: int, start: list[int], out: OutputProcessor):
+        self.request, self.index, self.out = request, index, out
+        self.tokens = list(start)  # what the cache holds: the prompt (decoder-only) + generated
+        self.num_prompt = len(start)
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.table: list[int] = []  # block table
         self.hashes: list[bytes] = []  # hashes of the full blocks of the table, in order
         self.generator = make_generator(request.params, sample_index=index)
-        self.detok = IncrementalDetokenizer(
-            request.tokenizer, stop=request.params.stop, skip_special_tokens=request.params.skip_special_tokens,
-            prefix_ids=prompt,
-        )
+        self.cross = None  # encoder-decoder: each decoder layer's cross-attention K/V of the prompt
+        # prompt logprobs, when asked: position p -> logprob of prompt token p (p >= 1). Every prompt
+        # token must then go through the model, so such a sequence takes nothing from the prefix cache.
+        self.prompt_lps: dict[int, TokenLogprob] | None = {} if request.prompt_logprobs is not None else None
+        self.reuse_prefix = self.prompt_lps is None
         self.finish_reason: str | None = None
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt
 
     @property
     def remaining(self) -> int:
@@ -152,23 +141,27 @@ class Sequence:
 
 
 class Request:
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, sink, tokenizer, want_logprobs: bool):
-        self.id, self.params, self.sink, self.tokenizer = request_id, params, sink, tokenizer
-        self.want_logprobs = want_logprobs
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, sink, want_logprobs: bool,
+                 prompt_logprobs: int | None = None):  # fmt: skip
+        self.id, self.prompt, self.params, self.sink = request_id, prompt, params, sink
+        self.want_logprobs, self.prompt_logprobs = want_logprobs, prompt_logprobs
         self.arrival = time.monotonic()
-        self.seqs = [Sequence(self, i, prompt) for i in range(params.n)]
+        self.seqs: list[Sequence] = []
 
 
 class Engine:
-    """Continuous batching over a paged KV cache for one decoder-only model."""
+    """Continuous batching over a paged KV cache for one generating model (decoder-only or
+    encoder-decoder)."""
 
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         cfg = config or EngineConfig()
         cfg.validate()
-        check_servable(model.config)
+        if model.config.arch == "encoder":
+            raise ConfigError("the engine generates with decoder-only and encoder-decoder models; this one is an "
+                              "encoder (serve it with --embedding-model instead).")  # fmt: skip
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, cfg
         self.max_model_len = min(cfg.max_model_len or model.config.max_seq_len, model.config.max_seq_len)
-        per_token = kv_bytes_per_token(model.config, model.dtype)
+        per_token = ModelRunner.kv_bytes_per_token(model)
         per_block = per_token * cfg.block_size
         num_blocks = cfg.num_blocks or int(cfg.kv_cache_gb * 2**30 // per_block)
         need_blocks = -(-self.max_model_len // cfg.block_size)
@@ -179,15 +172,15 @@ class Engine:
                 f"{per_token / 2**10:.0f} KiB each) cannot hold one full context of {self.max_model_len} tokens, "
                 f"which needs {need_gb:.3f} GB: raise --kv-cache-gb to at least {need_gb:.3f} or lower --max-model-len."
             )
-        self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching)
-        self.cache = PagedKVCache(model.config, num_blocks, cfg.block_size, model.dtype, model.device)
-        self.eos_ids = frozenset(tokenizer.eos_ids) | _config_eos(model.config)
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size)
+        # an encoder-decoder's decoder tokens mean nothing without their encoder input: no prefix sharing
+        caching = cfg.enable_prefix_caching and not self.runner.encoder_decoder
+        self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=caching)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.sampler = Sampler()
         self.vocab_size = model.config.vocab_size
         self.device = model.device
-        self.watermark = max(1, num_blocks // 100)  # blocks kept free at admission, for running decodes
 
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # in admission order: the newest is preempted first
         self._requests: dict[str, Request] = {}
         self._incoming: deque[Request] = deque()
         self._aborts: set[str] = set()
@@ -200,10 +193,21 @@ class Engine:
         self.num_requests = 0
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
-        self.num_preemptions = 0
         self.num_steps = 0
         self.num_failed_steps = 0
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens generated) of recent steps
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self):
+        return self.scheduler.running
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
 
     # --- submitting ----------------------------------------------------------------------------
     def add_request(
@@ -213,8 +217,12 @@ class Engine:
         sink: Callable[[SequenceOutput], None],
         request_id: str | None = None,
         want_logprobs: bool | None = None,
+        prompt_logprobs: int | None = None,
     ) -> str:
         """Queue a prompt (token ids); ``sink`` receives every output of its n sequences.
+        ``prompt_logprobs=k`` (decoder-only models): each sequence's first output also carries the
+        log-probability of every prompt token given the ones before it (None for the first), with
+        the k most likely alternatives.
 
         Raises ContextLengthError / SamplingError for a request that cannot be served and
         QueueFullError when max_queue sequences are already waiting. ``sink`` is called from the
@@ -225,7 +233,18 @@ class Engine:
         self.check_prompt(prompt, params.max_new_tokens)
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         want = params.logprobs > 0 if want_logprobs is None else want_logprobs
-        req = Request(rid, prompt, params, sink, self.tokenizer, want)
+        if prompt_logprobs is not None:
+            if self.runner.encoder_decoder:
+                raise SamplingError("prompt logprobs need a decoder-only model: an encoder-decoder's prompt is not "
+                                    "predicted by the model.", "echo")  # fmt: skip
+            if not 0 <= prompt_logprobs <= MAX_LOGPROBS:
+                raise SamplingError(f"prompt_logprobs must lie in [0, {MAX_LOGPROBS}], got {prompt_logprobs}.", "logprobs")
+        req = Request(rid, prompt, params, sink, want, prompt_logprobs)
+        stop_ids = stop_token_ids(params, self.model.config, self.tokenizer)
+        budget = token_budget(len(prompt), params.max_new_tokens, self.model.config, self.max_model_len)
+        start = self.runner.start_tokens(prompt)
+        req.seqs = [Sequence(req, i, start, OutputProcessor(params, stop_ids, budget, self.tokenizer, prompt))
+                    for i in range(params.n)]  # fmt: skip
         with self._cv:
             if self._stopping:
                 raise RuntimeError("the engine is shut down.")
@@ -238,24 +257,8 @@ class Engine:
         return rid
 
     def check_prompt(self, prompt: Seq[int], max_new_tokens: int | None = None) -> None:
-        """Raise ContextLengthError/SamplingError naming the lengths if the prompt cannot be served."""
-        if not prompt:
-            raise SamplingError("the prompt is empty: give at least one token.")
-        bad = next((t for t in prompt if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise SamplingError(f"token id {bad} in the prompt is outside the vocabulary (0..{self.vocab_size - 1}).")
-        n, ctx = len(prompt), self.max_model_len
-        if n >= ctx:
-            raise ContextLengthError(
-                f"the prompt has {n} tokens but the model's context is {ctx} tokens (one more is needed to "
-                "generate anything): shorten the prompt."
-            )
-        if max_new_tokens is not None and n + max_new_tokens > ctx:
-            raise ContextLengthError(
-                f"the prompt has {n} tokens and max_tokens asks for {max_new_tokens} more, {n + max_new_tokens} "
-                f"in all, but the model's context is {ctx} tokens: lower max_tokens to at most {ctx - n} or "
-                "shorten the prompt."
-            )
+        """Raise PromptError / ContextLengthError naming the lengths if the prompt cannot be served."""
+        check_prompt(prompt, self.model.config, self.max_model_len, max_new_tokens)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed before the next forward."""
@@ -300,7 +303,7 @@ class Engine:
         """Admit, schedule, run one forward, sample and emit. False when there was nothing to do."""
         outputs: list[tuple[Request, SequenceOutput]] = []
         self._intake(outputs)
-        decodes, prefills = self._schedule()
+        decodes, prefills = self.scheduler.schedule()
         if decodes or prefills:
             self.num_steps += 1
             try:
@@ -328,147 +331,79 @@ class Engine:
             if req is not None:
                 self._finish_request(req, "abort", outputs)
 
-    def _schedule(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
-        bm, bs = self.blocks, self.config.block_size
-        budget = self.config.max_num_batched_tokens
-        decodes: list[Sequence] = []
-        prefills: list[tuple[Sequence, int]] = []
-        # 1. decodes, oldest first; out of blocks -> preempt the newest running sequence
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if seq.remaining == 1:
-                while not bm.grow(seq.table, seq.num_computed + 1):
-                    victim = self.running[-1]  # never one already scheduled: those sit before index i
-                    self._preempt(victim)
-                    if victim is seq:
-                        break
-                else:
-                    decodes.append(seq)
-                    budget -= 1
-            if i < len(self.running) and self.running[i] is seq:
-                i += 1
-        # 2. prompt chunks of running sequences
-        for seq in self.running:
-            if budget == 0:
-                break
-            if seq.remaining > 1:
-                n = min(seq.remaining, budget, self._room(seq, 0))
-                if n > 0:
-                    bm.grow(seq.table, seq.num_computed + n)
-                    prefills.append((seq, n))
-                    budget -= n
-        # 3. admit waiting sequences, taking their cached prefix first
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            if not seq.table:
-                seq.table, seq.hashes = bm.match_prefix(seq.tokens)
-                seq.num_computed = len(seq.table) * bs
-            n = min(seq.remaining, budget, self._room(seq, self.watermark if self.running else 0))
-            if n <= 0:
-                bm.free(seq.table)  # give the cached prefix back; try again next step
-                seq.hashes, seq.num_computed = [], 0
-                break
-            bm.grow(seq.table, seq.num_computed + n)
-            self.waiting.popleft()
-            self.running.append(seq)
-            if n == seq.remaining == 1:  # only the last prompt token left (the rest was cached)
-                decodes.append(seq)
-            else:
-                prefills.append((seq, n))
-            budget -= n
-        # 4. nothing could run (every running prompt waits for blocks): preempt the newest and retry
-        if not decodes and not prefills and len(self.running) > 1:
-            self._preempt(self.running[-1])
-            return self._schedule()
-        return decodes, prefills
-
-    def _room(self, seq: Sequence, reserve: int) -> int:
-        """Tokens ``seq`` can still place: its table's free slots plus the free blocks beyond ``reserve``."""
-        bs = self.config.block_size
-        return len(seq.table) * bs - seq.num_computed + max(0, self.blocks.num_free - reserve) * bs
-
-    def _preempt(self, seq: Sequence) -> None:
-        """Recompute preemption: drop the sequence's K/V; it re-enters the queue at the head."""
-        self.running.remove(seq)
-        self.blocks.free(seq.table)
-        seq.hashes, seq.num_computed = [], 0
-        self.waiting.appendleft(seq)
-        self.num_preemptions += 1
-
     def _run(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]], outputs) -> None:
-        bs = self.config.block_size
-        dev = self.device
-        step = build_step(
-            [(s.table, s.num_computed, s.tokens[s.num_computed]) for s in decodes],
-            [(s.table, s.num_computed, s.tokens[s.num_computed : s.num_computed + n]) for s, n in prefills],
-            [],
-            bs,
-            device=dev,
-        )
-        rows, sampled = list(range(len(decodes))), list(decodes)
+        rows: list[int] = []  # the packed tokens whose logits are wanted, in order
+        sampled: list[Sequence] = []
+        sample_at: list[int] = []  # where in ``rows`` each sampled sequence's row is
+        scored: list[tuple[Sequence, int, int, int]] = []  # prompt logprobs: (sequence, at, first position, count)
+        for i, s in enumerate(decodes):
+            sample_at.append(len(rows))
+            rows.append(i)
+            sampled.append(s)
         offset = len(decodes)
         for s, n in prefills:
+            if s.prompt_lps is not None:  # the token at position p predicts prompt token p + 1
+                lo, hi = s.num_computed, min(s.num_computed + n, s.num_prompt - 1)
+                if hi > lo:
+                    scored.append((s, len(rows), lo + 1, hi - lo))
+                    rows.extend(range(offset, offset + hi - lo))
             offset += n
             if s.num_computed + n == len(s.tokens):  # the prompt is done: sample after its last token
+                sample_at.append(len(rows))
                 rows.append(offset - 1)
                 sampled.append(s)
-        step.logit_rows = torch.tensor(rows, dtype=torch.long, device=dev)
-        logits = paged_forward(self.model, self.cache, step)  # (S, V)
+        cross = None
+        if self.runner.encoder_decoder:
+            for s in decodes + [s for s, _ in prefills]:
+                if s.cross is None:
+                    s.cross = self.runner.encode(s.prompt)
+            cross = [s.cross for s in decodes] + [s.cross for s, _ in prefills]
+        logits = self.runner.execute(
+            [(s.table, s.num_computed, s.tokens[s.num_computed]) for s in decodes],
+            [(s.table, s.num_computed, s.tokens[s.num_computed : s.num_computed + n]) for s, n in prefills],
+            rows, cross,
+        )  # (len(rows), V)
+        for s, at, first, count in scored:
+            self._score_prompt(s, logits[at : at + count], first)
         for s in decodes:
-            self._computed(s, 1)
+            self.scheduler.computed(s, 1)
         for s, n in prefills:
-            self._computed(s, n)
+            self.scheduler.computed(s, n)
         if sampled:
-            self._sample(sampled, logits, outputs)
+            self._sample(sampled, logits[sample_at] if len(sample_at) < len(rows) else logits, outputs)
 
-    def _computed(self, seq: Sequence, n: int) -> None:
-        seq.num_computed += n
-        self.blocks.publish_full_blocks(seq.tokens, seq.table, seq.hashes, seq.num_computed)
+    def _score_prompt(self, seq: Sequence, logits, first: int) -> None:
+        """Log-probabilities of prompt tokens first.. under the logits of the tokens before them."""
+        logp = logits.float().log_softmax(-1)  # (count, V)
+        targets = seq.tokens[first : first + len(logp)]
+        chosen = logp[range(len(targets)), targets].tolist()
+        k = seq.request.prompt_logprobs
+        top_ids = top_lps = None
+        if k:
+            top = logp.topk(k, dim=-1)
+            top_ids, top_lps = top.indices.tolist(), top.values.tolist()
+        for j, tok in enumerate(targets):
+            alts = list(zip(top_ids[j], top_lps[j])) if k else []
+            seq.prompt_lps[first + j] = TokenLogprob(tok, chosen[j], alts)
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, outputs) -> None:
-        params = [s.request.params for s in seqs]
-        batch = SamplingBatch.from_params(params, logits.device)
-        raw = logits.float()
-        if batch.any_penalty:
-            counts = count_tokens([s.tokens[s.num_prompt :] for s in seqs], raw.shape[-1], raw.device)
-            prompt_mask = None
-            if bool((batch.repetition_penalty != 1).any()):
-                prompt_mask = count_tokens([s.tokens[: s.num_prompt] for s in seqs], raw.shape[-1], raw.device) > 0
-            logits = apply_penalties(raw, batch, counts, prompt_mask)
-        else:
-            logits = raw
-        out = sample(logits, batch, [s.generator for s in seqs], raw_logits=raw)
-        ids = out.token_ids.tolist()
-        lps = out.logprobs.tolist()
-        top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-        top_lps = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+    def _sample(self, seqs: list[Sequence], logits, outputs) -> None:
+        out = self.sampler(logits, [s.request.params for s in seqs], [s.generator for s in seqs],
+                           [s.out.token_ids for s in seqs], [s.prompt for s in seqs])  # fmt: skip
         now = time.monotonic()
         self.num_generated_tokens += len(seqs)
         self._recent.append((now, len(seqs)))
         while self._recent and now - self._recent[0][0] > 60:
             self._recent.popleft()
-        for j, (seq, tok) in enumerate(zip(seqs, ids)):
+        for j, (seq, tok) in enumerate(zip(seqs, out.token_ids)):
             req = seq.request
-            lp = None
-            if req.want_logprobs:
-                k = req.params.logprobs
-                top = list(zip(top_ids[j][:k], top_lps[j][:k])) if k else []
-                lp = [TokenLogprob(tok, lps[j], top)]
+            lp = [TokenLogprob(tok, out.logprobs[j], out.top[j])] if req.want_logprobs else None
             seq.tokens.append(tok)
-            text, reason = "", None
-            p = req.params
-            if tok in self.eos_ids and not p.ignore_eos or tok in p.stop_token_ids:
-                reason = "stop"
-            else:
-                text = seq.detok.push(tok)
-                if seq.detok.stopped:
-                    reason = "stop"
-            if reason is None and (seq.num_output >= p.max_new_tokens or len(seq.tokens) >= self.max_model_len):
-                reason = "length"
-            if reason is not None and not seq.detok.stopped:
-                text += seq.detok.flush()
-            outputs.append((req, self._output(seq, text, [tok], lp, reason)))
+            text = seq.out.accept(tok)  # the finish rule
+            reason = seq.out.finish_reason
+            output = self._output(seq, text, [tok], lp, reason)
+            if seq.prompt_lps is not None and len(seq.out.token_ids) == 1:
+                output.prompt_logprobs = [None] + [seq.prompt_lps[p] for p in range(1, seq.num_prompt)]
+            outputs.append((req, output))
             if reason is not None:
                 self._retire(seq, reason)
 
@@ -480,11 +415,7 @@ class Engine:
     def _retire(self, seq: Sequence, reason: str) -> None:
         """Take a finished sequence out of the batch and free its blocks."""
         seq.finish_reason = reason
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        self.blocks.free(seq.table)
+        self.scheduler.remove(seq)
         req = seq.request
         if all(s.finish_reason is not None for s in req.seqs):
             self._requests.pop(req.id, None)
@@ -572,7 +503,8 @@ class Engine:
             if left:
                 self.abort(rid)
 
-    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]) -> list[list[SeqResult]]:
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
+                 prompt_logprobs: int | None = None) -> list[list[SeqResult]]:  # fmt: skip
         """Blocking: the n completions of each prompt. Steps inline unless the thread is running."""
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         results = [[SeqResult(i) for i in range(p.n)] for p in plist]
@@ -590,17 +522,10 @@ class Engine:
             return sink
 
         for k, (prompt, p) in enumerate(zip(prompts, plist)):
-            self.add_request(prompt, p, sink_for(k))
+            self.add_request(prompt, p, sink_for(k), prompt_logprobs=prompt_logprobs)
         if self.running_in_thread:
             done.wait()
         else:
             while not done.is_set():
                 self.step()
         return results
-
-
-def _config_eos(cfg) -> frozenset[int]:
-    eos = cfg.eos_token_id
-    if eos is None:
-        return frozenset()
-    return frozenset(eos if isinstance(eos, list) else [eos])

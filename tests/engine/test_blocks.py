@@ -2,7 +2,7 @@
 
 import pytest
 
-from lmforge.serve.blocks import BlockManager, block_hash
+from lmforge.engine.blocks import BlockManager, block_hash
 
 
 def test_allocate_and_free_count_blocks():

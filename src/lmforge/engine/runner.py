@@ -1,0 +1,494 @@
+"""The model runner: turns scheduled sequences into the model's inputs and runs its own forward.
+
+Two cache layouts, one forward (the model's, with the cache behind ``Attention``):
+
+* ``ModelRunner`` (the serving engine): many sequences of any lengths in a paged block pool;
+  each step packs their new tokens into one row (``build_batch``) and returns the logits of the
+  rows that sample. Encoder-decoder models run their encoder once per sequence (``encode``).
+* ``DecoderRunner`` / ``Seq2SeqRunner`` (``generate``, beam search, speculative decoding): one
+  fixed batch in a contiguous ``KVCache``, static shapes, so the one-token step can be compiled
+  (``CompiledStep``) -- the fast path at batch 1. ``prefill()`` the prompts, then ``extend(tokens)``
+  feeds new tokens and returns the next logits; ``rewind`` / ``reorder`` serve speculative decoding
+  and beam search. With ``use_cache=False`` every step recomputes the whole sequence (the baseline
+  the cache is measured against, and the reference it is tested against).
+
+Contiguous batches are left-padded: the attention mask covers the cache slots and positions count
+only real tokens (``cumsum(mask) - 1``), so a prompt gets the same tokens alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import os
+import threading
+import time
+import types
+from collections.abc import Sequence
+
+import torch
+
+from lmforge.nn.kv_cache import Chunk, PagedBatch, PagedKVCache
+
+log = logging.getLogger("lmforge.engine")
+
+
+# --- the paged runner ----------------------------------------------------------------------------
+def _slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+def build_batch(
+    pool: PagedKVCache,
+    decodes: list[tuple[list[int], int, int]],  # (block table, position, token) per decoding sequence
+    prefills: list[tuple[list[int], int, list[int]]],  # (block table, start, tokens) per prefill chunk
+    logit_rows: list[int],
+    device=None,
+    cross: list | None = None,  # encoder-decoder: per segment (decodes, then chunks), per layer (K, V)
+) -> PagedBatch:
+    """Pack one step's decodes and prefill chunks into a ``PagedBatch`` over ``pool``."""
+    bs = pool.block_size
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    ctx_slots: list[list[int]] = []
+    for table, pos, tok in decodes:
+        ids.append(tok)
+        positions.append(pos)
+        s = _slots(table, 0, pos + 1, bs)
+        slots.append(s[-1])
+        ctx_slots.append(s)
+    decode_slots = decode_lens = None
+    if decodes:
+        L = max(len(s) for s in ctx_slots)
+        decode_lens = torch.tensor([len(s) for s in ctx_slots], device=device)
+        decode_slots = torch.tensor([s + [0] * (L - len(s)) for s in ctx_slots], device=device)  # (B, L)
+    chunks: list[Chunk] = []
+    for table, start, toks in prefills:
+        offset, n = len(ids), len(toks)
+        ids.extend(toks)
+        positions.extend(range(start, start + n))
+        s = _slots(table, 0, start + n, bs)
+        slots.extend(s[start:])
+        chunks.append(Chunk(offset, n, start, None if start == 0 else torch.tensor(s, device=device)))
+    as_long = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    return PagedBatch(
+        pool=pool, input_ids=as_long(ids), positions=as_long(positions), slots=as_long(slots),
+        num_decodes=len(decodes), decode_slots=decode_slots, decode_lens=decode_lens, chunks=chunks,
+        logit_rows=as_long(logit_rows), cross=cross,
+    )  # fmt: skip
+
+
+@torch.inference_mode()
+def run_paged(model, batch: PagedBatch) -> torch.Tensor:
+    """Logits (S, V) of ``batch.logit_rows``, after writing every new token's K/V to the pool:
+    the model's own forward over the packed row."""
+    ids = batch.input_ids[None]  # (1, N)
+    if model.config.arch == "encoder-decoder":
+        return model.decode(ids, None, paged=batch)[0]
+    return model(ids, position_ids=batch.positions[None], paged=batch)[0]
+
+
+class ModelRunner:
+    """A model and the paged KV pool of the serving engine."""
+
+    def __init__(self, model, num_blocks: int, block_size: int):
+        cfg = model.config
+        self.model, self.device = model, model.device
+        self.encoder_decoder = cfg.arch == "encoder-decoder"
+        n_layer = cfg.n_decoder_layer if self.encoder_decoder else cfg.n_layer
+        self.pool = PagedKVCache(n_layer, cfg.n_kv_head, cfg.head_dim, num_blocks, block_size, model.dtype, model.device)
+
+    @staticmethod
+    def kv_bytes_per_token(model) -> int:
+        cfg = model.config
+        n_layer = cfg.n_decoder_layer if cfg.arch == "encoder-decoder" else cfg.n_layer
+        return PagedKVCache.bytes_per_token(n_layer, cfg.n_kv_head, cfg.head_dim, model.dtype)
+
+    def start_tokens(self, prompt: list[int]) -> list[int]:
+        """The tokens the cache holds before the first generated one: the prompt, or for an
+        encoder-decoder the decoder's start token (the prompt goes to the encoder)."""
+        if not self.encoder_decoder:
+            return list(prompt)
+        cfg = self.model.config
+        return [cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id or 0]
+
+    @torch.inference_mode()
+    def encode(self, prompt: list[int]):
+        """Encoder-decoder: the encoder's output as each decoder layer's cross-attention K/V."""
+        memory = self.model.encode(torch.tensor([prompt], device=self.device))
+        return self.model.cross_kv(memory)
+
+    def execute(self, decodes, prefills, logit_rows: list[int], cross: list | None = None) -> torch.Tensor:
+        """One forward over the step's decodes and prefill chunks (see ``build_batch``)."""
+        batch = build_batch(self.pool, decodes, prefills, logit_rows, self.device, cross)
+        return run_paged(self.model, batch)
+
+
+# --- the contiguous runners --------------------------------------------------------------------
+def _decode_step(model, ids, position_ids, input_pos, mask):
+    """Next-token logits (B, V) for one new token per row, through the KV cache."""
+    h = model.hidden(ids, attention_mask=mask, position_ids=position_ids, input_pos=input_pos)
+    return model.lm_head(h[:, -1])
+
+
+def compile_decode_step(**compile_kwargs):
+    """``torch.compile`` of a decode step function with its own code object.
+
+    Dynamo keeps compiled graphs on the code object, and inductor's freezing bakes the weights into
+    them as constants; with a shared code object, a second model of the same shapes would pass the
+    guards and run on the first model's weights. A copy of the code per compiled model keeps
+    each graph to its own model.
+    """
+    code = _decode_step.__code__.replace(co_name=f"_decode_step_{next(_compile_ids)}")
+    fn = types.FunctionType(code, _decode_step.__globals__, code.co_name)
+    return torch.compile(fn, **compile_kwargs)
+
+
+_compile_ids = iter(range(1 << 62))
+CACHE_BUCKET = 256  # compiled decoding rounds cache sizes up to a multiple of this
+
+
+class DecoderRunner:
+    """A decoder-only model and its KV cache for a batch of left-padded prompts.
+
+    Cache slot s holds padded position s; ``slot_mask`` (B, max_len) is False on padding. With
+    ``use_cache=False`` every step runs the model over the whole sequence again (the baseline the
+    cache is measured against, and the reference it is tested against).
+    """
+
+    def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, use_cache: bool = True,
+                 step=None, extra_slots: int = 0, pending: "BackgroundStep | None" = None):  # fmt: skip
+        self.model, self.use_cache, self.step = model, use_cache, step or _decode_step
+        device = model.device
+        lens = torch.tensor([len(p) for p in prompts], device=device)
+        B, T = len(prompts), int(lens.max())
+        self.batch_size, self.prompt_len = B, T
+        self.max_len = T + max_new_tokens + extra_slots
+        if isinstance(step, CompiledStep):  # compiled: a few cache sizes, so a few graphs serve every call
+            bucket = max(step.min_len, -(-self.max_len // CACHE_BUCKET) * CACHE_BUCKET)
+            self.max_len = max(self.max_len, min(bucket, model.config.max_seq_len))
+        # a step compiling in the background can take over mid-generation if the cache has its shape
+        self.pending = pending if pending is not None and B == 1 and use_cache and self.max_len <= pending.warm_len else None
+        if self.pending is not None:
+            self.max_len = pending.warm_len
+        ids = torch.zeros(B, T, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, T - len(p) :] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+        slots = torch.arange(self.max_len, device=device)
+        self.slot_mask = slots[None] >= (T - lens)[:, None]  # (B, max_len)
+        self.prompt_ids = ids
+        self.next_pos = lens.clone()  # (B,) position of the next token of each row
+        self.cur = 0  # next cache slot
+        if use_cache and isinstance(step, CompiledStep):
+            step.attach_cache(model, B, self.max_len)
+        elif use_cache:
+            model.setup_cache(B, self.max_len)
+        else:
+            self.seq = ids  # (B, t) everything so far
+
+    @torch.inference_mode()
+    def prefill(self) -> torch.Tensor:
+        """Logits (B, V) of the token after each prompt."""
+        T = self.prompt_len
+        mask = self.slot_mask[:, :T]
+        position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)  # padding does not count
+        if self.use_cache:
+            input_pos = torch.arange(T, device=mask.device)
+            h = self.model.hidden(self.prompt_ids, attention_mask=mask, position_ids=position_ids, input_pos=input_pos)
+            logits = self.model.lm_head(h[:, -1])
+        else:
+            logits = self.model(self.prompt_ids, attention_mask=mask, position_ids=position_ids)[:, -1]
+        self.cur = T
+        return logits
+
+    def take_compiled_step(self) -> bool:
+        """If the background step is ready, continue on it: the cache moves into the step's own
+        buffers of this shape (those its graph was compiled for). True when it switched."""
+        pending = self.pending
+        step = pending.ready() if pending is not None else None
+        if step is None:
+            return False
+        self.pending = None
+        key = (self.batch_size, self.max_len)
+        if key not in step.caches:
+            return False
+        pending.announce()
+        with torch.inference_mode():
+            for new, old in zip(step.caches[key], self.model.stack.caches):
+                new.k.copy_(old.k)
+                new.v.copy_(old.v)
+        self.model.stack.caches, self.step = step.caches[key], step
+        return True
+
+    @torch.inference_mode()
+    def extend(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        """Feed tokens (B, t); logits of the next token (B, V), or after each fed token (B, t, V)."""
+        t = tokens.shape[1]
+        if self.cur + t > self.max_len:
+            raise RuntimeError(f"the runner was sized for {self.max_len} cache slots; {self.cur + t} were asked for")
+        position_ids = self.next_pos[:, None] + torch.arange(t, device=tokens.device)  # (B, t)
+        if self.use_cache:
+            input_pos = torch.arange(self.cur, self.cur + t, device=tokens.device)
+            mask = self.slot_mask[:, : self.cur + t]  # attention reads the slots written so far
+            if t == 1 and not all_logits:
+                logits = self.step(self.model, tokens, position_ids, input_pos, mask)
+            else:
+                h = self.model.hidden(tokens, attention_mask=mask, position_ids=position_ids, input_pos=input_pos)
+                logits = self.model.lm_head(h if all_logits else h[:, -1])
+        else:
+            self.seq = torch.cat([self.seq, tokens], dim=1)
+            mask = self.slot_mask[:, : self.seq.shape[1]]
+            out = self.model(self.seq, attention_mask=mask, position_ids=(mask.long().cumsum(1) - 1).clamp(min=0))
+            logits = out[:, -t:] if all_logits else out[:, -1]
+        self.cur += t
+        self.next_pos = self.next_pos + t
+        return logits
+
+    def rewind(self, n: int) -> None:
+        """Forget the last n fed tokens (speculative decoding); their slots are rewritten later."""
+        self.cur -= n
+        self.next_pos = self.next_pos - n
+        if not self.use_cache:
+            self.seq = self.seq[:, : self.seq.shape[1] - n]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows become rows ``index`` of before (beam search)."""
+        self.slot_mask, self.next_pos = self.slot_mask[index], self.next_pos[index]
+        _reorder(self, self.model.stack.caches, index)
+
+    def close(self) -> None:
+        if self.use_cache:
+            self.model.clear_cache()
+
+
+def _reorder(runner, caches, index: torch.Tensor) -> None:
+    """Reorder a contiguous runner's rows: its caches', or (no cache) its token sequences."""
+    if runner.use_cache:
+        for cache in caches:
+            cache.reorder(index)
+    else:
+        runner.seq = runner.seq[index]
+
+
+class Seq2SeqRunner:
+    """An encoder-decoder model: the encoder runs once, its keys and values are cached for the
+    cross-attention, and the decoder starts from ``decoder_start_token_id``."""
+
+    def __init__(self, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, use_cache: bool = True,
+                 step=None, extra_slots: int = 0):  # fmt: skip
+        cfg = model.config
+        self.model, self.use_cache = model, use_cache
+        device = model.device
+        B, S = len(prompts), max(len(p) for p in prompts)
+        self.batch_size = B
+        src = torch.full((B, S), cfg.pad_token_id or 0, dtype=torch.long, device=device)
+        self.src_mask = torch.zeros(B, S, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):  # right padding, as T5's tokenizer does
+            src[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+            self.src_mask[i, : len(p)] = True
+        self.src = src
+        start = cfg.decoder_start_token_id if cfg.decoder_start_token_id is not None else cfg.pad_token_id or 0
+        self.seq = torch.full((B, 1), start, dtype=torch.long, device=device)
+        self.prompt_len = 1
+        self.max_len = 1 + max_new_tokens + extra_slots
+        self.slot_mask = torch.ones(B, self.max_len, dtype=torch.bool, device=device)  # no padding in the target
+        self.cur = 0
+        if use_cache:
+            model.setup_cache(B, memory_len=S, max_len=self.max_len)
+
+    @torch.inference_mode()
+    def prefill(self) -> torch.Tensor:
+        self.memory = self.model.encode(self.src, self.src_mask)
+        if self.use_cache:
+            logits = self.model.decode(self.seq, self.memory, self.src_mask, self.slot_mask[:, :1],
+                                       input_pos=torch.arange(1, device=self.seq.device))  # fmt: skip
+        else:
+            logits = self.model.decode(self.seq, self.memory, self.src_mask)
+        self.cur = 1
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def extend(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
+        t = tokens.shape[1]
+        if self.use_cache:
+            input_pos = torch.arange(self.cur, self.cur + t, device=tokens.device)
+            out = self.model.decode(tokens, None, self.src_mask, self.slot_mask[:, : self.cur + t], input_pos=input_pos)
+        else:
+            self.seq = torch.cat([self.seq, tokens], dim=1)
+            out = self.model.decode(self.seq, self.memory, self.src_mask)[:, -t:]
+        self.cur += t
+        return out if all_logits else out[:, -1]
+
+    def rewind(self, n: int) -> None:
+        self.cur -= n
+        if not self.use_cache:
+            self.seq = self.seq[:, : self.seq.shape[1] - n]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.src_mask, self.memory = self.src_mask[index], self.memory[index]
+        # self-attention, and cross-attention: the memory of the source each row now belongs to
+        caches = [*self.model.decoder.caches, *self.model.decoder.cross_caches] if self.use_cache else []
+        _reorder(self, caches, index)
+
+    close = DecoderRunner.close
+
+
+def make_runner(model, prompts, max_new_tokens, **kw):
+    cls = Seq2SeqRunner if model.config.arch == "encoder-decoder" else DecoderRunner
+    return cls(model, prompts, max_new_tokens, **kw)
+
+
+class CompiledStep:
+    """The one-token decode step of one model, compiled by inductor (C++ wrapper, so the graph
+    runs without Python between its kernels). Compilation happens on the first call of each
+    shape (batch, cache buffer size); the number of slots attention reads is a dynamic size in
+    the graph, so one graph serves every step. The guards dynamo would check on every later call
+    are skipped once a shape has run (the runner keeps its inputs' shapes and the cache buffers
+    fixed per shape, which is all they would check).
+
+    A step streams every weight once, and how fast a matrix streams depends on the batch and the
+    weights' type (measured on SmolLM2 with 2 cores; benchmarks/decode.py):
+    * fp32 at batch 1, matrix-vector products: MKL's ``x @ Wt`` with the weight stored
+      input-major (``W.t()`` contiguous) streams near the machine's bandwidth, where F.linear's
+      transposed path and inductor's packed weights are 5-10% slower. Batch 1 runs a twin of
+      the model that shares every tensor but holds input-major copies of the linear weights
+      (made on the first batch-1 call; as much memory as packed weights take), not frozen, so
+      not packed;
+    * fp32 at batch > 1, matrix-matrix products: inductor freezes the weights and packs them for
+      MKL (``cpp.weight_prepack``), ~15% faster than ``x @ Wt`` at batch 8. (The packing pass is
+      set up once per process, so the batch-1 graph avoids it by not freezing, rather than by
+      turning packing off.) Default mode: max-autotune's hot-cache timings pick a GEMM template
+      that is ~20% slower once weights stream from memory;
+    * int8 (``quantize="int8"``), every batch: frozen weights and max-autotune, whose
+      weight-only-int8 GEMM template beats aten's ``_weight_int8pack_mm`` ~1.6x at batch 1 and
+      ~2.5x at batch 8.
+    """
+
+    def __init__(self, model, min_len: int = 0):
+        from lmforge.inference.quantize import Int8Linear
+
+        use_disk_cache()
+        self.min_len = min_len  # runners size their cache at least this (the shape compiled ahead)
+        self.int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+        kw = dict(mode="max-autotune-no-cudagraphs" if self.int8 else "default", fullgraph=True, dynamic=False)
+        self.vector_fn, self.matrix_fn = compile_decode_step(**kw), compile_decode_step(**kw)
+        self.twin = None
+        self.caches: dict[tuple[int, int], torch.nn.ModuleList] = {}
+        self.warm: set[tuple] = set()
+
+    def attach_cache(self, model, batch: int, max_len: int) -> None:
+        """Give the model this step's cache of that shape. Compiled graphs guard on the identity of
+        the buffers they write, so each shape keeps one cache for good (a new one would recompile)."""
+        key = (batch, max_len)
+        if key not in self.caches:
+            model.setup_cache(batch, max_len)
+            self.caches[key] = model.stack.caches
+        model.stack.caches = self.caches[key]
+
+    def __call__(self, model, ids, position_ids, input_pos, mask):
+        import torch._inductor.config as inductor_config
+
+        fn = self.matrix_fn
+        if ids.shape[0] == 1 and not self.int8:
+            if self.twin is None:
+                self.twin = input_major_twin(model)
+            fn, self.twin.stack.caches, model = self.vector_fn, model.stack.caches, self.twin
+        args = (model, ids, position_ids, input_pos, mask)
+        torch._dynamo.mark_dynamic(mask, 1)  # the slots read grow each step: one graph for every count
+        key = (tuple(ids.shape), id(model.stack.caches))
+        if key in self.warm:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return fn(*args)
+        with inductor_config.patch(freezing=fn is self.matrix_fn, cpp_wrapper=True):
+            logits = fn(*args)
+        self.warm.add(key)
+        return logits
+
+
+def input_major_twin(model):
+    """A model that shares every tensor of ``model`` except its linear layers' weights, which are
+    copies stored input-major (``W.t()`` contiguous; same values and shapes, another layout)."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    twin = copy.deepcopy(model, shared)
+    for m in twin.modules():
+        if type(m) is torch.nn.Linear:
+            m.weight = torch.nn.Parameter(m.weight.detach().t().contiguous().t(), requires_grad=False)
+    return twin
+
+
+def use_disk_cache() -> None:
+    """Keep inductor's compiled artifacts (FX graph and AOT caches) in a stable directory,
+    ``$LMFORGE_CACHE`` or ~/.cache/lmforge, so a second start loads the step instead of compiling it
+    (unless TORCHINDUCTOR_CACHE_DIR was set to another directory)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    root = os.environ.get("LMFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmforge")
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):  # not chosen by the user
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")
+
+    inductor_config.fx_graph_cache = True
+    functorch_config.enable_autograd_cache = True
+
+
+def sharing_copy(model):
+    """Another module object with the very same parameters and buffers (own cache attributes)."""
+    return copy.deepcopy(model, {id(t): t for t in itertools.chain(model.parameters(), model.buffers())})
+
+
+class BackgroundStep:
+    """A ``CompiledStep`` built in a background thread while the caller decodes eagerly.
+
+    The thread compiles the batch-1 step on a copy of the model that shares its weights (so the
+    eager decoding beside it keeps its own cache), with a cache of ``warm_len`` slots; runners then
+    size their caches to at least that, so the graph compiled here is the one they use. ``ready()``
+    is the step once compiled, else None; a failure leaves decoding eager (logged)."""
+
+    def __init__(self, model, warm_len: int | None = None):
+        self.warm_len = min(warm_len or 4 * CACHE_BUCKET, model.config.max_seq_len)
+        self.step = CompiledStep(model, min_len=self.warm_len)
+        self.error: BaseException | None = None
+        self.seconds: float | None = None
+        self._done = threading.Event()
+        self._announced = False
+        # not a daemon: a compile cut off at interpreter exit aborts the process; the exit waits for it
+        # instead, which also leaves the artifacts in the disk cache for the next start
+        self.thread = threading.Thread(target=self._build, args=(model,), name="lmforge-compile")
+        self.thread.start()
+
+    def _build(self, model) -> None:
+        start = time.perf_counter()
+        try:
+            shadow = sharing_copy(model)
+            runner = DecoderRunner(shadow, [[0]], self.warm_len - 1, step=self.step)
+            runner.prefill()
+            runner.extend(torch.zeros(1, 1, dtype=torch.long, device=shadow.device))  # compiles (or loads) the graph
+            self.seconds = time.perf_counter() - start
+        except Exception as e:  # noqa: BLE001 - decoding stays eager; say why
+            self.error = e
+            if not threading.main_thread().is_alive():  # cut off by the interpreter's exit: nothing to report
+                return
+            log.warning("compiling the decode step in the background failed (%s: %s); decoding stays eager",
+                        type(e).__name__, e)  # fmt: skip
+        finally:
+            self._done.set()
+
+    def announce(self) -> None:
+        """Log the switch to the compiled step, once."""
+        if not self._announced:
+            self._announced = True
+            log.info("switched to the compiled decode step (built in the background in %.0f s)", self.seconds)
+
+    def ready(self) -> CompiledStep | None:
+        return self.step if self._done.is_set() and self.error is None else None
+
+    @property
+    def building(self) -> bool:
+        return not self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> CompiledStep | None:
+        self._done.wait(timeout)
+        return self.ready()
