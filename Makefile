@@ -23,7 +23,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[serve,test]"
+	$(BIN)/pip install -q -e ".[serve,rag,test]"
 	touch $@
 
 install: $(VENV)/.installed
