@@ -13,9 +13,16 @@ def test_markdown_headings_atx_setext_and_fences(tmp_path):
     assert blocks[0] == Block("Title", 1, 1)
     assert blocks[1] == Block("Intro line one\nline two", 0, 4)
     assert blocks[2] == Block("```\n# not a heading\n```", 0, 7)  # inside a fence: a paragraph
-    assert blocks[3] == Block("Part *B*", 2, 11)
+    assert blocks[3] == Block("Part B", 2, 11)  # inline markup reduced to its text
     assert blocks[4] == Block("Body", 0, 13)
     assert blocks[5] == Block("Sub", 2, 15) and blocks[6] == Block("text", 0, 17)
+
+
+def test_markdown_inline_markup_becomes_text(tmp_path):
+    p = tmp_path / "a.md"
+    p.write_text("**HAMLET**  \nTo be, or _not_ to be: see [the play](http://x) and `code`, snake_case_name, 2 * 3.\n")
+    (b,) = load_document(p).blocks
+    assert b.text == "HAMLET\nTo be, or not to be: see the play and code, snake_case_name, 2 * 3."
 
 
 def test_text_paragraphs_keep_line_numbers(tmp_path):

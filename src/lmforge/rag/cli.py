@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 
 
+DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP = 128, 16  # the same as lmforge.rag.index's (not imported: keeps `lmforge --help` light)
+
+
 def default_eval_db() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "lmforge" / "rag-shakespeare.db"
@@ -59,7 +62,7 @@ def cmd_rag_eval(args: argparse.Namespace) -> None:
     corpus = Path(args.corpus) if args.corpus else rag_eval.corpus_dir()
     db = Path(args.db) if args.db else default_eval_db()
     embedder = _embedder(args)
-    report = index_directory(corpus, db, embedder)
+    report = index_directory(corpus, db, embedder, max_tokens=args.chunk_tokens, overlap=args.overlap)
     print(f"index {db}: {report.summary()}")
     questions = rag_eval.make_questions(corpus, args.questions, args.seed)
     result = rag_eval.evaluate(db, questions, k=args.k, embedder=embedder)
@@ -75,14 +78,17 @@ def add_parser(sub) -> None:
     p = sub.add_parser("rag", help="retrieval-augmented generation over a folder of documents (SQLite + sqlite-vec + FTS5)")
     rsub = p.add_subparsers(dest="rag_command", required=True, metavar="{index,ask,eval}")
 
+    def chunk_options(s):
+        s.add_argument("--chunk-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="most tokens in a chunk, its section path included")
+        s.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tokens of whole lines repeated from the previous chunk")
+
     def embedding_option(s):
         s.add_argument("--embedding-model", default=None, help="encoder directory (default: bundled all-MiniLM-L6-v2)")
 
     s = rsub.add_parser("index", help="index (or bring up to date) a folder of .txt/.md/.html/.pdf files into a database")
     s.add_argument("dir", help="folder of documents (searched recursively; hidden files left out)")
     s.add_argument("--db", required=True, help="the SQLite database file (created when missing)")
-    s.add_argument("--chunk-tokens", type=int, default=256, help="most tokens in a chunk, its section path included")
-    s.add_argument("--overlap", type=int, default=32, help="tokens of whole lines repeated from the previous chunk")
+    chunk_options(s)
     embedding_option(s)
     s.set_defaults(func=cmd_rag_index)
 
@@ -107,5 +113,6 @@ def add_parser(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-k", type=int, default=5, help="recall@k")
     s.add_argument("--out", default=None, help="folder for rag-eval.json and rag-eval.png")
+    chunk_options(s)
     embedding_option(s)
     s.set_defaults(func=cmd_rag_eval)

@@ -46,6 +46,19 @@ def _max_length(path: Path, model_len: int) -> int:
     return model_len
 
 
+def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bfloat16 where the hardware computes it natively (CUDA; CPUs with AVX-512 BF16 or AMX), else
+    float32. On this project's 2-core CPU a bf16 matmul of an encoder's shapes ran 4x faster than
+    fp32 and MiniLM embedded 2.2x faster; embeddings stay within ~1e-2 of fp32 in cosine, which
+    leaves rankings as they are (measured in tests/rag/test_embed.py)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.float32
+
+
 class Embedder:
     """An encoder (BERT, MiniLM) turning texts or token ids into normalised sentence embeddings."""
 
@@ -61,15 +74,16 @@ class Embedder:
         self._lock = threading.Lock()  # one forward at a time (a server may call from several threads)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
+    def load(cls, path: str | Path | None = None, *, dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu", max_length: int | None = None, batch_tokens: int = 8192) -> Embedder:  # fmt: skip
         """Load an encoder checkpoint directory (default: the bundled all-MiniLM-L6-v2); ``max_length``
-        defaults to the length it was trained for (sentence-transformers' ``max_seq_length``)."""
+        defaults to the length it was trained for (sentence-transformers' ``max_seq_length``);
+        ``dtype`` to ``default_dtype(device)``."""
         from lmforge.checkpoints import load_model
         from lmforge.tokenizer import load_tokenizer
 
         p = default_embedding_model_path() if path is None else Path(path).expanduser()
-        model = load_model(p, dtype=dtype, device=device)
+        model = load_model(p, dtype=dtype or default_dtype(device), device=device)
         name = "all-MiniLM-L6-v2" if path is None else p.resolve().name
         emb = cls(model, load_tokenizer(p), name, max_length or _max_length(p, model.config.max_seq_len), batch_tokens)
         emb.path = None if path is None else p.resolve()

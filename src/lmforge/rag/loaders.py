@@ -98,15 +98,35 @@ _ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)[ \t#]*$")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
 
 
+_INLINE = [  # Markdown inline markup -> its text (what a reader sees, and what the embedder should)
+    (re.compile(r"!\[([^\]]*)\]\([^)]*\)"), r"\1"),  # images: alt text
+    (re.compile(r"\[([^\]]+)\]\([^)]*\)"), r"\1"),  # links: link text
+    (re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1"), r"\2"),  # strong
+    (re.compile(r"(?<![\w*])([*_])(?=\S)(.+?)(?<=\S)\1(?![\w*])"), r"\2"),  # emphasis (not snake_case)
+    (re.compile(r"`([^`]+)`"), r"\1"),  # inline code
+]
+
+
+def plain_inline(text: str) -> str:
+    """Markdown inline markup removed: ``**HAMLET**`` -> ``HAMLET``, ``[docs](url)`` -> ``docs``."""
+    for pattern, repl in _INLINE:
+        text = pattern.sub(repl, text)
+    return text
+
+
 def _markdown_blocks(text: str) -> list[Block]:
     """ATX headings (``# Title``) and setext headings (``Title`` over ``===``/``---``) become heading
-    blocks; everything else paragraphs. Lines inside fenced code are never headings."""
+    blocks; everything else paragraphs, with inline markup (emphasis, links, code spans) reduced to
+    its text. Lines inside fenced code are never headings and are kept as they are."""
     lines = text.split("\n")
     blocks: list[Block] = []
     para_start, in_fence = 0, False
 
     def flush(end: int) -> None:
-        blocks.extend(_paragraphs(lines[para_start:end], para_start + 1))
+        for b in _paragraphs(lines[para_start:end], para_start + 1):
+            if not _FENCE.match(b.text):
+                b.text = plain_inline(b.text)
+            blocks.append(b)
 
     i = 0
     while i < len(lines):
@@ -120,9 +140,9 @@ def _markdown_blocks(text: str) -> list[Block]:
             if m or setext:
                 flush(i)
                 if m:
-                    blocks.append(Block(m.group(2).strip(), len(m.group(1)), i + 1))
+                    blocks.append(Block(plain_inline(m.group(2).strip()), len(m.group(1)), i + 1))
                 else:
-                    blocks.append(Block(line.strip(), 1 if nxt.strip()[0] == "=" else 2, i + 1))
+                    blocks.append(Block(plain_inline(line.strip()), 1 if nxt.strip()[0] == "=" else 2, i + 1))
                     i += 1
                 para_start = i + 1
         i += 1
