@@ -34,7 +34,9 @@ def test_cited_sources():
 def test_prompt_numbers_sources_with_file_and_position(retriever, smol_tokenizer):
     hits = retriever.search("tomatoes and roses", k=3)
     messages, kept = build_prompt("When to prune roses?", hits, smol_tokenizer, 4096)
-    assert kept == hits and messages[0]["role"] == "system" and "[1]" in messages[0]["content"]
+    assert kept == hits and messages[0]["role"] == "system" and "[n]" in messages[0]["content"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]  # one worked example
+    assert messages[2]["content"].endswith("[2].")
     user = messages[-1]["content"]
     assert user.endswith("Question: When to prune roses?")
     for n, h in enumerate(hits, start=1):
@@ -62,6 +64,7 @@ def test_answerer_generates_through_lmforge_generate(retriever, smol_tokenizer):
 
 @pytest.mark.slow
 def test_bundled_smollm2_answers_from_the_sources(retriever):
-    ans = Answerer(retriever).ask("How often do tomatoes need deep watering?", k=3, max_new_tokens=48)
-    assert ans.sources[0].chunk.path == "notes/garden.md"
-    assert "twice" in ans.text.lower() or "week" in ans.text.lower(), ans.text
+    ans = Answerer(retriever).ask("Which planet is the largest?", k=3, max_new_tokens=40)
+    assert ans.sources[0].chunk.path == "astronomy.pdf"
+    assert "Jupiter" in ans.text, ans.text
+    assert "\n\n[" not in ans.text  # made-up source blocks are cut by the stop strings

@@ -4,9 +4,9 @@
     print(ans.format())     # the answer, then "[1] tragedies/hamlet.md, lines 7-60 (Hamlet > ACT I > ...)"
 
 The retrieved chunks become numbered sources in the user turn (file, position, section path,
-text); the system prompt asks for an answer from those sources only, with ``[n]`` after each claim.
-The prompt is built by the prompt kit (``lmforge.prompts.build_messages``) and generated through the
-public ``lmforge.generate``. Sources that would push the prompt past ``max_context_tokens`` (counted
+text); the system prompt asks for an answer from those sources with ``[n]`` after each fact, and one
+worked example shows the format. The prompt is built by the prompt kit
+(``lmforge.prompts.build_messages``) and generated through the public ``lmforge.generate``. Sources that would push the prompt past ``max_context_tokens`` (counted
 with the generator's tokenizer) are left out, lowest-ranked first.
 """
 
@@ -21,11 +21,18 @@ from pathlib import Path
 from lmforge.prompts import build_messages
 from lmforge.rag.retrieve import Hit, Retriever
 
-SYSTEM_PROMPT = (
-    "You answer questions using only the numbered sources given with the question. "
-    "After each statement, cite the sources it comes from as [1], [2]. "
-    "If the sources do not contain the answer, say that you do not know."
+SYSTEM_PROMPT = "Answer the question from the numbered sources. Cite the source of each fact as [n]."
+
+# One worked example (the prompt kit's few-shot turns): small models such as SmolLM2-135M copy the
+# citation format from it far more reliably than from the instruction alone.
+EXAMPLE = (
+    "Sources:\n\n[1] travel.md, line 9 — Trains\nThe night train to Vienna leaves at nine.\n\n"
+    "[2] kitchen.md, lines 4-5 — Bread\nKnead the dough for ten minutes until it is smooth.\n\n"
+    "Question: How long should the dough be kneaded?",
+    "The dough should be kneaded for ten minutes until it is smooth [2].",
 )
+# A model that starts writing a new source block or question is making them up: stop there.
+STOP = ("\n\nSources:", "\n\nQuestion:", "\n\n[")
 
 
 @dataclass
@@ -55,13 +62,13 @@ def source_block(n: int, hit: Hit) -> str:
 
 
 def build_prompt(question: str, hits: Sequence[Hit], tokenizer=None, max_context_tokens: int | None = None,
-                 system: str = SYSTEM_PROMPT) -> tuple[list[dict], list[Hit]]:  # fmt: skip
+                 system: str = SYSTEM_PROMPT, few_shot=(EXAMPLE,)) -> tuple[list[dict], list[Hit]]:  # fmt: skip
     """The chat messages for ``question`` over ``hits`` and the hits that fit the budget."""
     kept = list(hits)
     while True:
         blocks = "\n\n".join(source_block(n, h) for n, h in enumerate(kept, start=1))
         user = f"Sources:\n\n{blocks}\n\nQuestion: {question}" if kept else f"Question: {question}"
-        messages = build_messages(user, system=system)
+        messages = build_messages(user, system=system, few_shot=few_shot)
         if tokenizer is None or max_context_tokens is None or not kept:
             return messages, kept
         if len(tokenizer.encode(tokenizer.apply_chat_template(messages))) <= max_context_tokens:
@@ -107,7 +114,7 @@ class Answerer:
         hits = self.retriever.search(question, k, mode, path=path, kinds=kinds, mmr_lambda=mmr_lambda)
         model, tok = self._generator()
         messages, kept = build_prompt(question, hits, tok, self.max_context_tokens)
-        text = generate(model, tok, messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        text = generate(model, tok, messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=STOP)
         return Answer(question, text, kept, cited_sources(text, len(kept)))
 
 
