@@ -32,7 +32,7 @@ def cmd_rag_ask(args: argparse.Namespace) -> None:
     from lmforge.rag.answer import Answerer
     from lmforge.rag.retrieve import Retriever
 
-    retriever = Retriever.open(args.db, _embedder(args))
+    retriever = Retriever.open(args.db, _embedder(args), rrf_k=args.rrf_k, weights=(args.bm25_weight, 1.0))
     try:
         if args.retrieve_only:
             for n, hit in enumerate(retriever.search(args.question, args.k, args.mode, path=args.path, kinds=args.type,
@@ -100,6 +100,8 @@ def add_parser(sub) -> None:
     s.add_argument("--path", default=None, help="only files whose relative path matches this glob (e.g. 'notes/*.md')")
     s.add_argument("--type", action="append", choices=("txt", "md", "html", "pdf"), help="only these file types (repeatable)")
     s.add_argument("--mmr", type=float, default=None, metavar="LAMBDA", help="diversify with MMR (1: relevance only, 0: diversity only)")
+    s.add_argument("--rrf-k", type=float, default=60.0, help="RRF's rank offset k (hybrid)")
+    s.add_argument("--bm25-weight", type=float, default=1.0, help="weight of the BM25 list against the vector list's 1 (hybrid)")
     s.add_argument("--model", default=None, help="generator (default: bundled SmolLM2-135M-Instruct)")
     s.add_argument("--max-new-tokens", type=int, default=256)
     s.add_argument("--retrieve-only", action="store_true", help="print the retrieved chunks, generate nothing")

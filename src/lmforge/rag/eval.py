@@ -171,10 +171,11 @@ def candidates(retriever: Retriever, questions: Sequence[Question], depth: int =
     from tqdm.auto import tqdm
 
     store = retriever.store
+    vectors = retriever.embedder.embed_texts([q.query for q in questions])  # (N, D), one batched pass
     out = []
-    for q in tqdm(questions, desc="searching", unit="question", disable=not progress):
+    for q, v in zip(tqdm(questions, desc="searching", unit="question", disable=not progress), vectors):
         lexical = [i for i, _ in store.bm25(q.query, depth)]
-        vector = [i for i, _ in store.knn(retriever.embedder.embed_texts([q.query])[0], depth)]
+        vector = [i for i, _ in store.knn(v, depth)]
         rows = store.conn.execute(
             "SELECT c.id FROM chunks c JOIN files f ON f.id = c.file_id WHERE f.path = ? AND c.start_line <= ? AND c.end_line >= ?",
             (q.path, q.line, q.line),
