@@ -92,7 +92,7 @@ class Answerer:
     def __init__(self, retriever: Retriever, model=None, tokenizer=None, max_context_tokens: int = 2048):
         self.retriever, self.model, self.tokenizer = retriever, model, tokenizer
         self.max_context_tokens = max_context_tokens
-        self._lock = threading.Lock()
+        self._lock, self._generate_lock = threading.Lock(), threading.Lock()
 
     def _generator(self):
         with self._lock:
@@ -114,7 +114,8 @@ class Answerer:
         hits = self.retriever.search(question, k, mode, path=path, kinds=kinds, mmr_lambda=mmr_lambda)
         model, tok = self._generator()
         messages, kept = build_prompt(question, hits, tok, self.max_context_tokens)
-        text = generate(model, tok, messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=STOP)
+        with self._generate_lock:  # the model's KV cache serves one generation at a time
+            text = generate(model, tok, messages, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, stop=STOP)
         return Answer(question, text, kept, cited_sources(text, len(kept)))
 
 
