@@ -29,7 +29,7 @@ $(CHROMIUM):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 $(VENV)/.installed-test: $(VENV)/.installed | $(CHROMIUM)
-	$(BIN)/pip install -q -e ".[serve,test]"
+	$(BIN)/pip install -q -e ".[serve,rag,test]"
 	touch $@
 
 install: $(VENV)/.installed
