@@ -48,7 +48,8 @@ def decode_batch(runner, rows: list[Row], timing: dict | None = None) -> Iterato
     logits = runner.prefill()
     steps = 0
     while True:
-        out = sampler(logits, params, generators, [r.out.token_ids for r in rows], [r.prompt for r in rows])
+        constraints = [r.out.constraint if r.finish_reason is None else None for r in rows]  # finished rows: free
+        out = sampler(logits, params, generators, [r.out.token_ids for r in rows], [r.prompt for r in rows], constraints)
         for i, row in enumerate(rows):
             if row.finish_reason is not None:
                 continue

@@ -201,10 +201,15 @@ def mask_logits(logits: torch.Tensor, constraints: Sequence[Constraint | None]) 
     llg = _llguidance()
     if _executor is None:
         _executor = llg.LLExecutor()
-    V = logits.shape[-1]
-    bits = torch.full(((len(rows)), (V + 31) // 32), -1, dtype=torch.int32)
+    V, Vc = logits.shape[-1], constraints[rows[0]].vocab_size
+    if any(constraints[i].vocab_size != Vc for i in rows):
+        raise ValueError("every constraint of one batch must be built for the same vocabulary size")
+    bits = torch.full((len(rows), (Vc + 31) // 32), -1, dtype=torch.int32)
     llg.torch.fill_next_token_bitmask_par(_executor, [(constraints[i]._matcher, k) for k, i in enumerate(rows)], bits)
-    allowed = unpack_bitmask(bits, V).to(logits.device)  # (R, V)
+    allowed = unpack_bitmask(bits, Vc)  # (R, Vc): ids past the tokenizer's vocabulary (padding rows) never match
+    if V != Vc:
+        allowed = torch.nn.functional.pad(allowed, (0, V - Vc)) if V > Vc else allowed[:, :V]
+    allowed = allowed.to(logits.device)
     index = torch.tensor(rows, device=logits.device)
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
     return logits

@@ -388,7 +388,7 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits, outputs) -> None:
         out = self.sampler(logits, [s.request.params for s in seqs], [s.generator for s in seqs],
-                           [s.out.token_ids for s in seqs], [s.prompt for s in seqs])  # fmt: skip
+                           [s.out.token_ids for s in seqs], [s.prompt for s in seqs], [s.out.constraint for s in seqs])  # fmt: skip
         now = time.monotonic()
         self.num_generated_tokens += len(seqs)
         self._recent.append((now, len(seqs)))

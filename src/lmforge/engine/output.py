@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lmforge.engine.sampler import SamplingParams
+from lmforge.engine.sampler import SamplingError, SamplingParams
 
 
 class IncrementalDetokenizer:
@@ -132,6 +132,13 @@ class OutputProcessor:
             self.detok = IncrementalDetokenizer(tokenizer, params.stop, params.skip_special_tokens, prefix_ids=prompt)
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
+        self.constraint = None  # the grammar state of params.constraint, which the sampler masks by
+        if params.constraint is not None:
+            from lmforge.engine.constraints import Constraint
+
+            if tokenizer is None:
+                raise SamplingError("constrained decoding needs the model's tokenizer.", param="constraint")
+            self.constraint = Constraint(params.constraint, tokenizer)
 
     @property
     def text(self) -> str:
@@ -140,12 +147,16 @@ class OutputProcessor:
     def accept(self, token: int) -> str:
         self.token_ids.append(token)
         piece = ""
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if token in self.stop_ids:
             self.finish_reason = "stop"
         elif self.detok is not None:
             piece = self.detok.push(token)
             if self.detok.stopped:
                 self.finish_reason = "stop"
+        if self.finish_reason is None and self.constraint is not None and self.constraint.is_accepting and self.constraint.is_done:
+            self.finish_reason = "stop"  # the grammar is complete: nothing but end-of-sequence could follow
         if self.finish_reason is None and len(self.token_ids) >= self.max_new:
             self.finish_reason = "length"
         if self.finish_reason is not None and self.detok is not None:

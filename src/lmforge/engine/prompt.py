@@ -54,14 +54,14 @@ def token_budget(prompt_len: int, max_new_tokens: int, config, context: int) -> 
     return max(1, min(max_new_tokens, room))
 
 
-def chat_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+def chat_ids(tokenizer, messages: Sequence[dict], **variables) -> list[int]:
     """Token ids of chat messages through the tokenizer's chat template, ready for the assistant's
     turn. A tokenizer without a template, or a template that rejects the messages, is a PromptError
     (param "messages")."""
     if tokenizer is None or tokenizer.chat_template is None:
         raise PromptError("chat messages need a tokenizer with a chat template; pass plain text instead.", "messages")
     try:
-        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, **variables)  # e.g. tools=
     except UserError as e:  # the template is invalid, or rejected the messages (its raise_exception)
         raise PromptError(str(e), "messages") from None
     return tokenizer.encode(text, add_special_tokens=False)

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from lmforge.engine.constraints import Constraint, Grammar, mask_logits
 from lmforge.errors import UserError
 
 MAX_LOGPROBS = 20  # the most alternatives per position one may ask for (OpenAI's limit)
@@ -59,6 +60,7 @@ class SamplingParams:
     logprobs: int = 0  # also return the n most likely alternatives per position; 0: none
     n: int = 1  # independent samples per prompt
     skip_special_tokens: bool = True  # drop special tokens from the text
+    constraint: Grammar | None = None  # JSON Schema / regex / grammar the text must match (engine/constraints.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -106,6 +108,8 @@ class SamplingParams:
                 raise SamplingError(f"stop_token_ids must be token ids (integers >= 0), got {t!r}.", param="stop_token_ids")
         if not is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise SamplingError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (0: none), got {self.logprobs!r}.", param="logprobs")
+        if self.constraint is not None and not isinstance(self.constraint, Grammar):
+            raise SamplingError("constraint must come from lmforge.engine.constraints.compile_grammar.", param="constraint")
         if not is_int(self.n) or self.n < 1:
             raise SamplingError(f"n must be an integer of at least 1, got {self.n!r}.", param="n")
 
@@ -316,6 +320,7 @@ class Sampler:
         generators: Sequence[torch.Generator | None],
         outputs: Sequence[Sequence[int]],  # tokens generated so far, per row (penalties)
         prompts: Sequence[Sequence[int]],  # prompt tokens, per row (repetition penalty)
+        constraints: Sequence[Constraint | None] | None = None,  # per row: the tokens its grammar allows
     ) -> Sampled:
         batch = self.batch_of(params, logits.device)
         raw = logits.float()
@@ -326,6 +331,8 @@ class Sampler:
             if bool((batch.repetition_penalty != 1).any()):
                 prompt_mask = count_tokens(prompts, raw.shape[-1], raw.device) > 0
             logits = apply_penalties(raw, batch, counts, prompt_mask)
+        if constraints is not None and any(c is not None for c in constraints):
+            logits = mask_logits(logits.clone() if logits is raw else logits, constraints)  # logprobs stay the model's own
         out = sample(logits, batch, generators, raw_logits=raw)
         top: list[list[tuple[int, float]]] = [[] for _ in params]
         if out.top_ids is not None:

@@ -313,6 +313,8 @@ class Generator:
                     "speculative decoding serves one prompt, n=1, greedy (temperature=0) without penalties; "
                     "drop the draft model for batches or sampling.", "temperature",
                 )
+            if params.constraint is not None:
+                raise SamplingError("speculative decoding does not take a json_schema, regex or grammar: drop the draft model.", "constraint")
             return GenerationRun(rows, lambda run: speculative_tokens(self, rows[0], run.draft_stats, use_cache=use_cache))
 
         def pieces(run: GenerationRun) -> Iterator[tuple[int, str]]:
@@ -366,6 +368,8 @@ class Generator:
     def _beam(self, prompts, sp: SamplingParams, num_beams, length_penalty, early_stopping, use_cache):
         if sp.top_k or sp.top_p < 1 or sp.min_p or sp.uses_penalties or sp.logprobs:
             raise SamplingError("beam search ranks by log-probability: drop top_k, top_p, min_p, penalties and logprobs.")
+        if sp.constraint is not None:
+            raise SamplingError("beam search does not take a json_schema, regex or grammar: sample with num_beams=1.", "constraint")
         if sp.n > num_beams:
             raise SamplingError(f"n={sp.n} exceeds num_beams={num_beams}: beam search returns at most num_beams sequences.", "n")
         self._check_weights()
@@ -393,10 +397,17 @@ class Generator:
         return results
 
 
-def make_params(**params) -> SamplingParams:
+def make_params(*, json_schema=None, regex: str | None = None, grammar: str | None = None, **params) -> SamplingParams:
+    """SamplingParams from keyword arguments; ``json_schema`` / ``regex`` / ``grammar`` (Lark) constrain
+    the text (compiled once per distinct spec, see ``engine/constraints.py``)."""
     unknown = sorted(set(params) - SAMPLING_FIELDS)
     if unknown:
-        raise SamplingError(f"unknown generation parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(SAMPLING_FIELDS))}.")
+        known = sorted(SAMPLING_FIELDS - {"constraint"} | {"json_schema", "regex", "grammar"})
+        raise SamplingError(f"unknown generation parameter(s) {', '.join(unknown)}; known: {', '.join(known)}.")
+    if json_schema is not None or regex is not None or grammar is not None:
+        from lmforge.engine.constraints import compile_grammar
+
+        params["constraint"] = compile_grammar(json_schema=json_schema, regex=regex, grammar=grammar)
     return SamplingParams(**params)
 
 

@@ -38,7 +38,9 @@ from lmforge.errors import UserError
 from lmforge.engine import Engine, EngineConfig, QueueFullError, SamplingError, SamplingParams, SequenceOutput, TokenLogprob
 from lmforge.engine.prompt import chat_ids, token_budget
 from lmforge.engine.sampler import MAX_LOGPROBS
+from lmforge.engine.constraints import ConstraintError, Grammar, compile_grammar
 from lmforge.serve.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
+from lmforge.tools import ToolError, ToolSet, parse_tool_calls, parse_tools
 
 log = logging.getLogger("lmforge.serve")
 
@@ -173,6 +175,40 @@ def _sampling(body: Body, max_tokens: int | None, logprobs: int, n_max: int = 12
     return fields, max_tokens
 
 
+_GUIDED = {"guided_json": ("any", "json_schema"), "guided_regex": ("str", "regex"), "guided_grammar": ("str", "grammar")}
+
+
+def _constraint(body: Body, default: Grammar | None) -> Grammar | None:
+    """The grammar a reply must match: OpenAI's ``response_format`` (json_object, json_schema), or the
+    vLLM-style extras guided_json / guided_regex / guided_grammar (Lark); else the server's --grammar."""
+    specs: list[tuple[str, dict]] = []
+    rf = body.get("response_format", "dict")
+    if rf is not None:
+        kind = rf.get("type")
+        if kind == "json_object":
+            specs.append(("response_format", {"json_object": True}))
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+                raise bad("'response_format.json_schema' must be {'name': ..., 'schema': {...}, 'strict': true}.", "response_format")
+            specs.append(("response_format", {"json_schema": js["schema"]}))
+        elif kind != "text":
+            raise bad(f"'response_format.type' must be text, json_object or json_schema, got {json.dumps(kind)}.", "response_format")
+    for name, (kind, arg) in _GUIDED.items():
+        value = body.get(name, kind)
+        if value is not None:
+            specs.append((name, {arg: value}))
+    if len(specs) > 1:
+        raise bad(f"'{specs[1][0]}' cannot be combined with '{specs[0][0]}': give one constraint.", specs[1][0])
+    if not specs:
+        return default
+    param, spec = specs[0]
+    try:
+        return compile_grammar(**spec, param=param)
+    except ConstraintError as e:
+        raise bad(str(e), param) from None
+
+
 class Spec:
     """A parsed generation request."""
 
@@ -181,6 +217,7 @@ class Spec:
         self.prompts, self.fields, self.max_tokens = prompts, fields, max_tokens
         self.stream, self.include_usage, self.want_logprobs = stream, include_usage, want_logprobs
         self.echo = echo  # completions: the prompt comes back before the completion (its logprobs too)
+        self.tools: ToolSet | None = None  # chat with tools: replies are parsed into tool_calls
 
     def params(self, engine: Engine, prompt: list[int], default_max: int | None) -> SamplingParams:
         if self.max_tokens == 0:  # echo only: one token is generated, and dropped (see _generate)
@@ -217,7 +254,14 @@ def _message_text(m: Any, i: int) -> dict:
         content = "".join(parts)
     if content is not None and not isinstance(content, str):
         raise bad(f"messages[{i}].content must be a string or an array of text parts.", "messages")
-    return {**{k: v for k, v in m.items() if k in ("role", "name")}, "content": content or ""}
+    out = {**{k: v for k, v in m.items() if k in ("role", "name", "tool_call_id")}, "content": content or ""}
+    if m.get("role") == "assistant" and m.get("tool_calls"):
+        calls = m["tool_calls"]
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) and
+                                                  isinstance(c["function"].get("name"), str) for c in calls):  # fmt: skip
+            raise bad(f"messages[{i}].tool_calls must be OpenAI tool calls ({{'function': {{'name': ..., 'arguments': ...}}}}).", "messages")
+        out["tool_calls"] = calls
+    return out
 
 
 # --- the app -------------------------------------------------------------------------------------
@@ -228,6 +272,7 @@ class Server:
         if engine is None and embedder is None:
             raise UserError("a server needs a generator model, an embedding model, or both.")
         self.engine, self.model_name, self.embedder, self.api_key = engine, model_name, embedder, api_key
+        self.grammar: Grammar | None = None  # --grammar: the constraint of requests that bring none
         self.requests: Counter[tuple[str, int]] = Counter()
         self.started = int(time.time())
         self._token_text: dict[int, str] = {}
@@ -330,9 +375,12 @@ def create_app(
     manage_engine: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_origins: Sequence[str] = (),
+    grammar: Grammar | None = None,
 ) -> FastAPI:
-    """The FastAPI app. ``manage_engine``: start the engine's thread at start-up, stop it at shutdown."""
+    """The FastAPI app. ``manage_engine``: start the engine's thread at start-up, stop it at shutdown.
+    ``grammar``: the constraint of every completion whose request brings none (``--grammar``)."""
     state = Server(engine, model_name, embedder, api_key)
+    state.grammar = grammar
 
     from contextlib import asynccontextmanager
 
@@ -451,6 +499,7 @@ def create_app(
         body.unsupported("best_of", allowed=lambda v: v is None or v == n)
         max_tokens = body.get("max_tokens", "int")
         fields, max_tokens = _sampling(body, max_tokens, lp or 0, echo=echo)
+        fields["constraint"] = _constraint(body, state.grammar)
         stream = body.get("stream", "bool", False)
         if echo and stream:
             raise bad("'echo' is supported without streaming only: drop 'stream' or 'echo'.", "echo")
@@ -468,7 +517,12 @@ def create_app(
             raise bad("'messages' must be a non-empty array of messages.", "messages")
         messages = [_message_text(m, i) for i, m in enumerate(messages)]
         try:
-            prompt = chat_ids(engine.tokenizer, messages)
+            tools = parse_tools(body.get("tools", "any"), body.get("tool_choice", "any"), body.get("parallel_tool_calls", "bool"))
+        except ToolError as e:
+            raise bad(str(e), e.param) from None
+        template_tools = tools.openai_tools() if tools.active and "tools" in (engine.tokenizer.chat_template or "") else None
+        try:
+            prompt = chat_ids(engine.tokenizer, tools.render(messages, engine.tokenizer), tools=template_tools)
         except UserError as e:
             raise bad(str(e), "messages") from None
         want = body.get("logprobs", "bool", False)
@@ -478,17 +532,21 @@ def create_app(
         legacy = body.get("max_tokens", "int")  # deprecated by OpenAI, still what most clients send
         mct = body.get("max_completion_tokens", "int")
         max_tokens = mct if mct is not None else legacy
-        body.unsupported("tools", "functions", allowed=lambda v: not v)
-        body.unsupported("tool_choice", "function_call", allowed=lambda v: v in (None, "none"))
-        body.unsupported("parallel_tool_calls", allowed=lambda v: True)
-        body.unsupported("response_format", allowed=lambda v: v is None or v == {"type": "text"})
+        body.unsupported("functions", allowed=lambda v: not v)  # the deprecated forms of tools / tool_choice
+        body.unsupported("function_call", allowed=lambda v: v in (None, "none"))
         body.unsupported("modalities", allowed=lambda v: v is None or v == ["text"])
         body.unsupported("audio", "prediction", "web_search_options", "reasoning_effort")
         fields, max_tokens = _sampling(body, max_tokens, top or 0)
+        fields["constraint"] = _constraint(body, None if tools.active else state.grammar)
+        if tools.active:
+            if fields["constraint"] is not None:
+                raise bad("'response_format' and guided_* constraints cannot be combined with tools.", "response_format")
+            fields["constraint"] = tools.grammar()
         stream = body.get("stream", "bool", False)
         usage = _stream_options(body, stream)
         body.check_unknown()
         spec = Spec([prompt], fields, max_tokens, stream, usage, bool(want))
+        spec.tools = tools if tools.active else None
         return await _generate(request, state, spec, name, chat=True, default_max=None)
 
     @v1.post("/v1/embeddings")
@@ -630,8 +688,13 @@ async def _generate(request: Request, state: Server, spec: Spec, name: str, *, c
             lps[0] = lps[0] or TokenLogprob(prompt[0], None, [])
         lp = _logprobs(state, lps, chat, spec.fields["logprobs"]) if spec.want_logprobs else None
         if chat:
-            out_choices.append({"index": i, "message": {"role": "assistant", "content": c["text"]}, "logprobs": lp,
-                                "finish_reason": c["reason"]})  # fmt: skip
+            message, reason = {"role": "assistant", "content": c["text"]}, c["reason"]
+            if spec.tools is not None:
+                content, calls = parse_tool_calls(c["text"])
+                if calls:
+                    message = {"role": "assistant", "content": content, "tool_calls": calls}
+                    reason = "tool_calls" if reason == "stop" else reason
+            out_choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
         else:
             out_choices.append({"index": i, "text": c["text"], "logprobs": lp, "finish_reason": c["reason"]})
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -667,6 +730,7 @@ async def _stream_events(state: Server, pending: Pending, spec: Spec, rid: str, 
     obj = "chat.completion.chunk" if chat else "text_completion"
     completion_tokens = 0
     offsets: Counter[int] = Counter()
+    held: dict[int, str] = {}  # chat with tools: text held back while it may be a tool call
 
     def event(choices: list[dict], **extra) -> str:
         return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": name,
@@ -691,6 +755,20 @@ async def _stream_events(state: Server, pending: Pending, spec: Spec, rid: str, 
             if not out.text and lp is None and out.finish_reason is None:
                 continue
             offsets[index] += len(out.text)
+            if chat and spec.tools is not None:  # a reply that may be tool calls is held until it is whole
+                if index not in held and (spec.tools.choice != "auto" or out.text.startswith("<") or not out.text):
+                    held[index] = ""
+                if index in held:
+                    held[index] += out.text
+                    if out.finish_reason is None:
+                        continue
+                    content, calls = parse_tool_calls(held.pop(index))
+                    reason = "tool_calls" if calls and out.finish_reason == "stop" else out.finish_reason
+                    delta = {"tool_calls": [{**c, "index": j} for j, c in enumerate(calls)]} if calls else {}
+                    if content:
+                        delta["content"] = content
+                    yield event([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}])
+                    continue
             if chat:
                 delta = {"content": out.text} if out.text or out.finish_reason is None else {}
                 yield event([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}])
@@ -769,6 +847,7 @@ def build_app(
     served_model_name: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_origins: Sequence[str] = (),
+    grammar_file: str | Path | None = None,
 ) -> FastAPI:
     """Load the checkpoints and build the app (an encoder given as MODEL is served for embeddings).
     ``served_model_name``: the name clients send as ``model`` (default: the checkpoint's file or
@@ -787,8 +866,14 @@ def build_app(
         if embedding_model is not None:
             e = load_model(embedding_model, dtype=dtype)
             embedder = Embedder(e, load_tokenizer(resolve(embedding_model)), model_id(embedding_model))
+    grammar = None
+    if grammar_file is not None:  # a Lark grammar every reply must match, unless a request brings its own
+        try:
+            grammar = compile_grammar(grammar=Path(grammar_file).read_text(encoding="utf-8"))
+        except ConstraintError as e:
+            raise UserError(f"--grammar {grammar_file}: {e}") from None
     return create_app(generator, name if generator else None, embedder=embedder, api_key=api_key,
-                      max_body_bytes=max_body_bytes, allowed_origins=allowed_origins)  # fmt: skip
+                      max_body_bytes=max_body_bytes, allowed_origins=allowed_origins, grammar=grammar)  # fmt: skip
 
 
 def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
