@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     # Other verbs register here (one add_parser block each).
+    from lmforge.eval.cli import add_parser as add_eval_verbs; add_eval_verbs(sub)  # noqa: E702 (eval, scaling, viz)
     return p
 
 

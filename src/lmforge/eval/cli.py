@@ -1,0 +1,77 @@
+"""`lmforge eval ...`, `lmforge scaling ...`, `lmforge viz ...`: thin verbs over ``lmforge.eval``.
+
+Registered in ``lmforge.cli.build_parser`` by ``add_parser(sub)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+MODEL_HELP = "HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct, dequantized to fp32)"
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+# --- eval --------------------------------------------------------------------------------------------
+def cmd_eval_perplexity(args: argparse.Namespace) -> None:
+    from lmforge.eval.perplexity import file_perplexity
+
+    r = file_perplexity(args.model, args.data, context=args.context, stride=args.stride, max_tokens=args.max_tokens)
+    print(f"perplexity {r.ppl:.4f}  bits/byte {r.bits_per_byte:.4f}  ({r.tokens:,} tokens, {r.bytes:,} bytes, "
+          f"{r.windows} windows of {r.context} every {r.stride})")  # fmt: skip
+    if args.json:
+        _print_json(r.to_dict())
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> None:
+    from lmforge.eval.tasks import run_tasks
+
+    results = run_tasks(args.model, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit, seed=args.seed,
+                        max_new_tokens=args.max_new_tokens, out=args.out)  # fmt: skip
+    for r in results:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in r.metrics.items())
+        print(f"{r.task} ({r.kind}, {r.num_fewshot}-shot, n={r.n}): {shown}")
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def cmd_eval_make_task(args: argparse.Namespace) -> None:
+    from lmforge.eval.make_tasks import make_task
+
+    path = make_task(args.kind, args.out, n=args.n, seed=args.seed)
+    print(f"wrote {path} ({sum(1 for _ in open(path, encoding='utf-8'))} examples)")
+
+
+def add_parser(sub) -> None:
+    """Register the eval, scaling and viz verbs on the top-level subparsers."""
+    s = sub.add_parser("eval", help="evaluate a model: strided perplexity, few-shot tasks")
+    esub = s.add_subparsers(dest="eval_command", required=True, metavar="ACTION")
+
+    e = esub.add_parser("perplexity", help="strided sliding-window perplexity and bits per byte of a text file")
+    e.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    e.add_argument("--data", required=True, help="UTF-8 text file, tokenized whole")
+    e.add_argument("--context", type=int, default=None, help="tokens per window (default: the model's context)")
+    e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context / 2)")
+    e.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (a quick slice)")
+    e.add_argument("--json", action="store_true", help="also print the result as JSON")
+    e.set_defaults(func=cmd_eval_perplexity)
+
+    e = esub.add_parser("tasks", help="zero-/few-shot multiple-choice and generate-until tasks from JSONL files")
+    e.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    e.add_argument("--tasks", nargs="+", required=True, help="JSONL task files (see `lmforge eval make-task`)")
+    e.add_argument("--num-fewshot", type=int, default=0, help="examples of the same file before each prompt")
+    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each file")
+    e.add_argument("--seed", type=int, default=1234, help="chooses the few-shot examples")
+    e.add_argument("--max-new-tokens", type=int, default=32, help="generate-until: longest answer")
+    e.add_argument("--out", default=None, help="write metrics and per-example outputs as JSON here")
+    e.set_defaults(func=cmd_eval_tasks)
+
+    e = esub.add_parser("make-task", help="write a seeded task file: arithmetic, cloze (Shakespeare), copy (recall)")
+    e.add_argument("kind", choices=["arithmetic", "cloze", "copy"])
+    e.add_argument("--out", required=True, help="JSONL file to write")
+    e.add_argument("-n", "--n", type=int, default=200, help="number of examples")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_eval_make_task)
