@@ -45,6 +45,34 @@ def cmd_eval_make_task(args: argparse.Namespace) -> None:
     print(f"wrote {path} ({sum(1 for _ in open(path, encoding='utf-8'))} examples)")
 
 
+# --- scaling -----------------------------------------------------------------------------------------
+def cmd_scaling_sweep(args: argparse.Namespace) -> None:
+    from lmforge.eval.scaling import sweep
+
+    r = sweep(args.recipe, args.data, args.out, budget_minutes=args.budget_minutes, dry_run=args.dry_run,
+              bootstrap_samples=args.bootstrap, threads=args.threads)  # fmt: skip
+    print(f"estimated training time {r['estimated_minutes']:.1f} min (budget {r['budget_minutes']:g} min)")
+    if args.dry_run:
+        _print_json(r)
+        return
+    _print_fit(r, args.out)
+
+
+def cmd_scaling_fit(args: argparse.Namespace) -> None:
+    from lmforge.eval.scaling import refit
+
+    _print_fit(refit(args.out, bootstrap_samples=args.bootstrap), args.out)
+
+
+def _print_fit(r: dict, out) -> None:
+    p, ci = r["params"], r["ci95"]
+    shown = ", ".join(f"{k} {p[k]:.4g}" + (f" [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci else "") for k in p)
+    print(f"fit on {r['fit_runs']} runs: {shown}")
+    for h in r["held_out"]:
+        print(f"held-out {h['name']}: measured {h['loss']:.4f}, predicted {h['predicted']:.4f} ({100 * h['rel_error']:+.2f}%)")
+    print(f"wrote {out}/fit.json, {out}/scaling.png, {out}/runs.json")
+
+
 def add_parser(sub) -> None:
     """Register the eval, scaling and viz verbs on the top-level subparsers."""
     s = sub.add_parser("eval", help="evaluate a model: strided perplexity, few-shot tasks")
@@ -75,3 +103,19 @@ def add_parser(sub) -> None:
     e.add_argument("-n", "--n", type=int, default=200, help="number of examples")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=cmd_eval_make_task)
+
+    s = sub.add_parser("scaling", help="scaling laws: train a grid of small models, fit L(N, D), predict larger ones")
+    ssub = s.add_subparsers(dest="scaling_command", required=True, metavar="ACTION")
+    e = ssub.add_parser("sweep", help="train the recipe's grid within its budget, fit the law, write fit.json + scaling.png")
+    e.add_argument("recipe", help="YAML recipe with a scaling: section (see configs/scaling-*.yaml)")
+    e.add_argument("--data", required=True, help="prepared data directory or a raw text corpus (prepared once)")
+    e.add_argument("--out", required=True, help="sweep directory (finished runs are kept and skipped on a rerun)")
+    e.add_argument("--budget-minutes", type=float, default=None, help="override the recipe's budget_minutes")
+    e.add_argument("--dry-run", action="store_true", help="measure speeds and print the plan and its cost; train nothing")
+    e.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the confidence intervals")
+    e.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest for tiny models on a busy machine)")
+    e.set_defaults(func=cmd_scaling_sweep)
+    e = ssub.add_parser("fit", help="fit again from a sweep directory's runs.json")
+    e.add_argument("out", help="sweep directory")
+    e.add_argument("--bootstrap", type=int, default=200)
+    e.set_defaults(func=cmd_scaling_fit)
