@@ -184,10 +184,15 @@ def _huber(r: np.ndarray, delta: float) -> np.ndarray:
     return np.where(a <= delta, 0.5 * r**2, delta * (a - 0.5 * delta))
 
 
-def _objective(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray, delta: float) -> float:
-    a, alpha, b, beta, e = theta  # log A, α, log B, β, log E
-    pred = np.logaddexp(np.logaddexp(a - alpha * logN, b - beta * logD), e)
-    return float(_huber(pred - logL, delta).sum())
+def _objective(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray, delta: float):
+    """Σ Huber(log L̂ - log L) and its gradient in θ = (log A, α, log B, β, log E)."""
+    a, alpha, b, beta, e = theta
+    terms = np.stack([a - alpha * logN, b - beta * logD, np.full_like(logN, e)])  # (3, runs)
+    pred = np.logaddexp.reduce(terms, axis=0)  # log(A/N^α + B/D^β + E)
+    r = pred - logL
+    w = np.exp(terms - pred) * np.clip(r, -delta, delta)  # d Huber / d term_i
+    grad = np.array([w[0].sum(), -(w[0] * logN).sum(), w[1].sum(), -(w[1] * logD).sum(), w[2].sum()])
+    return float(_huber(r, delta).sum()), grad
 
 
 def _minimize(theta0: np.ndarray, args: tuple) -> tuple[np.ndarray, float]:
@@ -196,7 +201,7 @@ def _minimize(theta0: np.ndarray, args: tuple) -> tuple[np.ndarray, float]:
     except ImportError:  # torch's L-BFGS on the same objective
         return _minimize_torch(theta0, *args)
     bounds = [(-10, 40), (0.0, 3.0), (-10, 40), (0.0, 3.0), (-5, 5)]
-    r = minimize(_objective, theta0, args=args, method="L-BFGS-B", bounds=bounds)
+    r = minimize(_objective, theta0, args=args, jac=True, method="L-BFGS-B", bounds=bounds)
     return r.x, float(r.fun)
 
 
@@ -215,15 +220,14 @@ def _minimize_torch(theta0, logN, logD, logL, delta):
 
     opt.step(closure)
     x = theta.detach().numpy()
-    return x, _objective(x, logN, logD, logL, delta)
+    return x, _objective(x, logN, logD, logL, delta)[0]
 
 
 def fit_law(N, D, L, *, delta: float = 1e-3, starts: np.ndarray | None = None) -> dict[str, float]:
     """Least-Huber fit of log L to log(E + A/N^α + B/D^β); the best of a grid of starting points."""
     logN, logD, logL = np.log(np.asarray(N, float)), np.log(np.asarray(D, float)), np.log(np.asarray(L, float))
     if starts is None:
-        starts = np.array(list(itertools.product([0.0, 5.0, 10.0], [0.2, 0.5, 1.0], [0.0, 5.0, 10.0], [0.2, 0.5, 1.0],
-                                                 [-1.0, 0.0, 0.5])))  # fmt: skip
+        starts = np.array(list(itertools.product([0.0, 8.0], [0.2, 0.5, 1.0], [0.0, 8.0], [0.2, 0.5, 1.0], [-1.0, 0.5])))
     best, best_loss = None, math.inf
     for theta0 in starts:
         theta, loss = _minimize(np.asarray(theta0, float), (logN, logD, logL, delta))
