@@ -24,6 +24,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[serve,test]"
+	# headless Chromium opens the attention viewer in a test (Debian package; once, behind this stamp)
+	command -v chromium >/dev/null || apt-get install -y -q chromium || echo "chromium not installed: its screenshot test is skipped"
 	touch $@
 
 install: $(VENV)/.installed

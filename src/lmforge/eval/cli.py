@@ -73,6 +73,21 @@ def _print_fit(r: dict, out) -> None:
     print(f"wrote {out}/fit.json, {out}/scaling.png, {out}/runs.json")
 
 
+# --- viz ---------------------------------------------------------------------------------------------
+def cmd_viz_attention(args: argparse.Namespace) -> None:
+    from lmforge.eval.viz import attention_report
+
+    r = attention_report(args.model, args.prompt, args.out)
+    print(f"{r['layers']} layers x {r['heads']} heads over {r['tokens']} tokens (recomputed vs model output: "
+          f"max |diff| {r['max_error']:.2e}); wrote {r['png']} and {r['html']}")  # fmt: skip
+
+
+def cmd_viz_dashboard(args: argparse.Namespace) -> None:
+    from lmforge.eval.viz import training_dashboard
+
+    print(f"wrote {training_dashboard(args.run, args.out)}")
+
+
 def add_parser(sub) -> None:
     """Register the eval, scaling and viz verbs on the top-level subparsers."""
     s = sub.add_parser("eval", help="evaluate a model: strided perplexity, few-shot tasks")
@@ -119,3 +134,15 @@ def add_parser(sub) -> None:
     e.add_argument("out", help="sweep directory")
     e.add_argument("--bootstrap", type=int, default=200)
     e.set_defaults(func=cmd_scaling_fit)
+
+    s = sub.add_parser("viz", help="pictures: attention maps (PNG + HTML viewer), a training dashboard")
+    vsub = s.add_subparsers(dest="viz_command", required=True, metavar="ACTION")
+    e = vsub.add_parser("attention", help="attention of every layer and head for a prompt: attention.png + attention.html")
+    e.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
+    e.add_argument("-p", "--prompt", required=True, help="the text to look at")
+    e.add_argument("--out", default="attention", help="output directory (default: ./attention)")
+    e.set_defaults(func=cmd_viz_attention)
+    e = vsub.add_parser("dashboard", help="loss, learning rate, throughput and perplexity of a run: dashboard.png")
+    e.add_argument("run", help="run directory of `lmforge pretrain` (holds metrics.jsonl)")
+    e.add_argument("--out", default=None, help="PNG path (default: RUN/dashboard.png)")
+    e.set_defaults(func=cmd_viz_dashboard)
