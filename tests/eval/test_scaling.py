@@ -109,3 +109,34 @@ def test_tiny_sweep_end_to_end(tmp_path, corpus):
     # a rerun trains nothing new and refits the same runs
     again = sweep(tmp_path / "r.yaml", corpus, out, bootstrap_samples=10, threads=1, progress=False)
     assert json.loads((out / "runs.json").read_text()) == runs and again["params"] == pytest.approx(r["params"], rel=1e-6)
+
+
+def test_emergence_scores_every_run_with_both_kinds_of_metric(tmp_path):
+    """A sweep directory of two tiny models; the copy task's examples the char vocabulary cannot read are dropped."""
+    import torch
+
+    from lmforge.checkpoints import save_pretrained
+    from lmforge.config import ModelConfig
+    from lmforge.eval.emergence import emergence
+    from lmforge.models import build_model
+    from lmforge.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyzRJ :\n")
+    runs = []
+    for i, n_embd in enumerate((16, 32)):
+        torch.manual_seed(i)
+        cfg = ModelConfig.from_name("smollm2-135m", vocab_size=tok.vocab_size, n_layer=1, n_embd=n_embd, n_head=2, n_kv_head=2,
+                                    d_ff=32, max_seq_len=64)  # fmt: skip
+        d = save_pretrained(build_model(cfg).eval(), tmp_path / f"m{i}", tokenizer=tok)
+        runs.append({"name": f"m{i}", "N": 1000 * (i + 1), "D": 5000, "C": 6 * 1000 * (i + 1) * 5000, "loss": 3.0 - i, "dir": str(d)})
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    docs = [{"context": f"R:\n{w}\n\nR:\n{w.split()[0]}", "target": " " + w.split(" ", 1)[1], "until": ["\n"]}
+            for w in ("so be it", "and then we go", "the one", "a b c d", "no more")]  # fmt: skip
+    docs.append({"context": "X:\nZ", "target": " Q"})  # X, Z, Q are not in the vocabulary
+    (tmp_path / "copy.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    r = emergence(tmp_path, tmp_path / "copy.jsonl", num_fewshot=1, max_new_tokens=6, progress=False)
+    assert r["dropped_unreadable"] == 1 and r["n"] == 5 and [x["name"] for x in r["runs"]] == ["m0", "m1"]
+    for x in r["runs"]:
+        assert 0 <= x["exact_match"] <= 1 and 0 < x["target_token_prob"] < 1 and 0 <= x["edit_distance"] <= 1
+    assert json.loads((tmp_path / "emergence.json").read_text()) == r
+    assert (tmp_path / "emergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

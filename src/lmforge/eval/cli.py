@@ -41,7 +41,8 @@ def cmd_eval_tasks(args: argparse.Namespace) -> None:
 def cmd_eval_make_task(args: argparse.Namespace) -> None:
     from lmforge.eval.make_tasks import make_task
 
-    path = make_task(args.kind, args.out, n=args.n, seed=args.seed)
+    options = {"digits": args.digits} if args.kind == "arithmetic" else {"max_words": args.max_words}
+    path = make_task(args.kind, args.out, n=args.n, seed=args.seed, **options)
     print(f"wrote {path} ({sum(1 for _ in open(path, encoding='utf-8'))} examples)")
 
 
@@ -62,6 +63,16 @@ def cmd_scaling_fit(args: argparse.Namespace) -> None:
     from lmforge.eval.scaling import refit
 
     _print_fit(refit(args.out, bootstrap_samples=args.bootstrap), args.out)
+
+
+def cmd_scaling_emergence(args: argparse.Namespace) -> None:
+    from lmforge.eval.emergence import emergence
+
+    r = emergence(args.out, args.task, num_fewshot=args.num_fewshot, limit=args.limit, max_new_tokens=args.max_new_tokens)
+    for row in r["runs"]:
+        print(f"{row['name']:>18}  C {row['C']:.2e}  loss {row['loss']:.3f}  exact {row['exact_match']:.3f}  "
+              f"answer-token prob {row['target_token_prob']:.3f}  edit distance {row['edit_distance']:.3f}")  # fmt: skip
+    print(f"wrote {args.out}/emergence.json and {args.out}/emergence.png")
 
 
 def _print_fit(r: dict, out) -> None:
@@ -117,6 +128,8 @@ def add_parser(sub) -> None:
     e.add_argument("--out", required=True, help="JSONL file to write")
     e.add_argument("-n", "--n", type=int, default=200, help="number of examples")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--digits", type=int, default=2, help="arithmetic: digits per operand")
+    e.add_argument("--max-words", type=int, default=12, help="cloze, copy: longest verse line used, in words")
     e.set_defaults(func=cmd_eval_make_task)
 
     s = sub.add_parser("scaling", help="scaling laws: train a grid of small models, fit L(N, D), predict larger ones")
@@ -134,6 +147,13 @@ def add_parser(sub) -> None:
     e.add_argument("out", help="sweep directory")
     e.add_argument("--bootstrap", type=int, default=200)
     e.set_defaults(func=cmd_scaling_fit)
+    e = ssub.add_parser("emergence", help="score every model of a sweep on a few-shot task: exact match vs continuous metrics")
+    e.add_argument("out", help="sweep directory")
+    e.add_argument("--task", required=True, help="generate-until JSONL task (e.g. `lmforge eval make-task copy`)")
+    e.add_argument("--num-fewshot", type=int, default=1)
+    e.add_argument("--limit", type=int, default=50, help="examples per model")
+    e.add_argument("--max-new-tokens", type=int, default=48)
+    e.set_defaults(func=cmd_scaling_emergence)
 
     s = sub.add_parser("viz", help="pictures: attention maps (PNG + HTML viewer), a training dashboard")
     vsub = s.add_subparsers(dest="viz_command", required=True, metavar="ACTION")

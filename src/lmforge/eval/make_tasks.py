@@ -79,8 +79,8 @@ def make_arithmetic(n: int, rng: random.Random, digits: int = 2) -> list[dict]:
     return docs
 
 
-def make_cloze(n: int, rng: random.Random, num_choices: int = 4) -> list[dict]:
-    lines = play_lines()
+def make_cloze(n: int, rng: random.Random, num_choices: int = 4, max_words: int = 12) -> list[dict]:
+    lines = play_lines(max_words=max_words)
     words_by_len: dict[int, list[str]] = {}
     for _, line in lines:
         for w in line.split():
@@ -106,8 +106,8 @@ def make_cloze(n: int, rng: random.Random, num_choices: int = 4) -> list[dict]:
     return docs
 
 
-def make_copy(n: int, rng: random.Random, shown_words: int = 2) -> list[dict]:
-    lines = play_lines(min_words=shown_words + 3)
+def make_copy(n: int, rng: random.Random, shown_words: int = 2, max_words: int = 12) -> list[dict]:
+    lines = play_lines(min_words=min(shown_words + 3, max_words), max_words=max_words)
     docs = []
     for speaker, line in rng.sample(lines, min(n, len(lines))):
         words = line.split()
@@ -117,7 +117,8 @@ def make_copy(n: int, rng: random.Random, shown_words: int = 2) -> list[dict]:
 
 
 def make_task(kind: str, out: str | os.PathLike, *, n: int = 200, seed: int = 0, **options) -> Path:
-    """Write ``n`` examples of task ``kind`` to ``out`` (JSONL); the same seed writes the same file."""
+    """Write ``n`` examples of task ``kind`` to ``out`` (JSONL); the same seed writes the same file.
+    ``options``: ``digits`` (arithmetic), ``max_words`` per verse line (cloze, copy)."""
     makers = {"arithmetic": make_arithmetic, "cloze": make_cloze, "copy": make_copy}
     if kind not in makers:
         raise UserError(f"unknown task kind {kind!r}; choose one of {', '.join(KINDS)}")

@@ -139,7 +139,10 @@ def loglikelihood(model, tokenizer, requests: Sequence[tuple[str, str]], *, batc
             raise UserError(f"the continuation {x!r} after {c[-40:]!r} is empty once tokenized; give every choice some text")
     max_len = model.config.max_seq_len
     rows = []
-    for ctx, cont in encoded:
+    for (_, x), (ctx, cont) in zip(requests, encoded):
+        if len(cont) > max_len:
+            raise UserError(f"the continuation {x[:40]!r}... has {len(cont)} tokens, more than the model's context of "
+                            f"{max_len}; use shorter answers or a longer-context model")  # fmt: skip
         ids = (ctx + cont)[-(max_len + 1) :][:-1]  # inputs; the last token is only ever a target
         rows.append((ids, cont))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
@@ -170,6 +173,7 @@ def greedy_until(model, tokenizer, prompts: Sequence[str], until: Sequence[Seque
     from lmforge.inference import generate
 
     out = []
+    max_new_tokens = min(max_new_tokens, model.config.max_seq_len // 2)  # a short context keeps room for its prompt
     budget = model.config.max_seq_len - max_new_tokens
     for prompt, stops in tqdm(list(zip(prompts, until)), desc="generate", unit="doc", disable=not progress):
         ids = tokenizer.encode(prompt)[-budget:]  # keep the end of an overlong few-shot prompt
