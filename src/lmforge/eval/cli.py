@@ -82,6 +82,11 @@ def _print_fit(r: dict, out) -> None:
     for h in r["held_out"]:
         print(f"held-out {h['name']}: measured {h['loss']:.4f}, predicted {h['predicted']:.4f} ({100 * h['rel_error']:+.2f}%)")
     print(f"wrote {out}/fit.json, {out}/scaling.png, {out}/runs.json")
+    if "emergence" in r:
+        for row in r["emergence"]["runs"]:
+            print(f"emergence {row['name']:>16}: exact {row['exact_match']:.3f}, answer-token prob {row['target_token_prob']:.3f}, "
+                  f"edit distance {row['edit_distance']:.3f}")  # fmt: skip
+        print(f"wrote {out}/emergence.json and {out}/emergence.png")
 
 
 # --- viz ---------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class SweepPlan:
     runs: list[RunSpec]
     budget_minutes: float
     path: Path | None = None
+    emergence: dict[str, Any] | None = None  # the study to run on the finished models (see ``sweep``)
 
 
 def _model_name(m: dict[str, Any]) -> str:
@@ -108,7 +109,10 @@ def load_plan(path: str | os.PathLike, overrides: dict[str, Any] | None = None) 
     if len({r.name for r in runs}) != len(runs):
         raise UserError(f"recipe {path} lists the same (model, tokens) run twice; make each entry unique")
     budget = float(spec.get("budget_minutes", 60))
-    return SweepPlan(train=train, model=model, runs=runs, budget_minutes=budget, path=path)
+    study = spec.get("emergence")
+    if study is not None and (not isinstance(study, dict) or study.get("task") not in ("arithmetic", "cloze", "copy")):
+        raise UserError(f"recipe {path}: emergence: needs task: copy (or arithmetic), plus optional num_fewshot, n, max_words, limit")
+    return SweepPlan(train=train, model=model, runs=runs, budget_minutes=budget, path=path, emergence=study)
 
 
 def model_config_of(plan: SweepPlan, run: RunSpec, vocab_size: int):
@@ -351,7 +355,23 @@ def sweep(recipe: str | os.PathLike, data, out: str | os.PathLike, *, budget_min
         _write_json(out / "runs.json", [done[r.name] for r in plan.runs if r.name in done])
     runs = [done[r.name] for r in plan.runs]
     result = fit_and_report(runs, out, bootstrap_samples=bootstrap_samples)
-    return header | {"train_minutes": (time.perf_counter() - started) / 60} | result
+    result = header | {"train_minutes": (time.perf_counter() - started) / 60} | result
+    if plan.emergence:
+        result["emergence"] = run_emergence(plan.emergence, out)
+    return result
+
+
+def run_emergence(study: dict[str, Any], out: Path) -> dict:
+    """The recipe's ``emergence:`` study on the sweep's models: a seeded task file written into the sweep
+    directory (``task``, ``n``, ``seed``, ``max_words``), then ``lmforge.eval.emergence.emergence``."""
+    from lmforge.eval.emergence import emergence
+    from lmforge.eval.make_tasks import make_task
+
+    kind = study["task"]
+    options = {"max_words": int(study["max_words"])} if "max_words" in study and kind != "arithmetic" else {}
+    task = make_task(kind, out / f"emergence-{kind}.jsonl", n=int(study.get("n", 100)), seed=int(study.get("seed", 0)), **options)
+    return emergence(out, task, num_fewshot=int(study.get("num_fewshot", 1)), limit=study.get("limit", 50),
+                     max_new_tokens=int(study.get("max_new_tokens", 48)))  # fmt: skip
 
 
 def fit_and_report(runs: list[dict], out: Path, *, bootstrap_samples: int = 200) -> dict:
