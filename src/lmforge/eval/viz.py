@@ -119,7 +119,7 @@ def save_attention_png(maps: AttentionMaps, path: str | os.PathLike, *, max_head
             if T <= 24 and h == 0:
                 ax.set_yticks(range(T), labels, fontsize=5)
     fig.suptitle("attention (rows: queries, columns: keys)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_size_inches()[1]))  # room for the title
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
