@@ -161,8 +161,9 @@ class CostEstimate:
     per_model: dict[str, dict[str, float]] = field(default_factory=dict)  # name -> {N, tok_s, flop_s}
 
 
-def estimate_cost(plan: SweepPlan, vocab_size: int, skip: set[str] = frozenset(), eval_overhead: float = 0.1) -> CostEstimate:
-    """Σ 6·N·D / (measured FLOP/s of that model size) over the runs still to do, plus evaluation overhead."""
+def estimate_cost(plan: SweepPlan, vocab_size: int, skip: set[str] = frozenset()) -> CostEstimate:
+    """Σ 6·N·D / (measured FLOP/s of that model size) over the runs still to do, plus each run's final
+    evaluation (``eval_iters`` batches of both splits, forward only: about a third of a training step)."""
     from lmforge.models import build_model
 
     block = plan.train.block_size or plan.model.get("max_seq_len", 64)
@@ -177,7 +178,8 @@ def estimate_cost(plan: SweepPlan, vocab_size: int, skip: set[str] = frozenset()
             tok_s = measure_speed(mc, plan.train, block)
             est.per_model[name] = {"N": n, "tok_s": tok_s, "flop_s": 6 * n * tok_s}
         if run.name not in skip:
-            seconds += run.tokens / est.per_model[name]["tok_s"] * (1 + eval_overhead)
+            eval_tokens = 2 * plan.train.eval_iters * plan.train.batch_size * block / 3
+            seconds += (run.tokens + eval_tokens) / est.per_model[name]["tok_s"]
     est.minutes = seconds / 60
     return est
 
