@@ -148,3 +148,26 @@ def test_generators_are_seeded_and_valid(kind, tmp_path):
     text = "".join(d["context"] + "".join(d.get("choices", [])) + d.get("target", "") for d in task.docs)
     allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ,.;:!?'-\n")
     assert kind == "arithmetic" or set(text) <= allowed
+
+
+def test_perplexity_command_line(tiny, tmp_path, capsys):
+    """`lmforge eval perplexity` on a saved model: the figure of `perplexity()`, and a stride longer than
+    the context refused in one sentence before anything is loaded."""
+    import math
+
+    from lmforge.checkpoints import save_pretrained
+    from lmforge.eval import perplexity
+
+    model, tok = tiny
+    d = save_pretrained(model, tmp_path / "m", tokenizer=tok)
+    text = "the quick brown fox jumps over the lazy dog. " * 4
+    (tmp_path / "t.txt").write_text(text)
+    assert main(["eval", "perplexity", str(d), "--data", str(tmp_path / "t.txt"), "--context", "32", "--stride", "16", "--json"]) == 0
+    out = capsys.readouterr().out
+    got = json.loads(out[out.index("{"):])
+    want = perplexity(model, tok.encode(text), context=32, stride=16)
+    assert got["ppl"] == pytest.approx(want.ppl, rel=1e-5) and got["tokens"] == len(text) - 1
+    assert got["bits_per_byte"] == pytest.approx(want.nll / (len(text) * math.log(2)), rel=1e-5)
+    assert main(["eval", "perplexity", str(tmp_path / "nowhere"), "--data", "x.txt", "--context", "16", "--stride", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "shorter than the stride" in err and "\n" not in err

@@ -93,6 +93,12 @@ class TextPerplexity:
         return dict(vars(self))
 
 
+def _check_stride(context: int | None, stride: int | None) -> None:
+    if context is not None and stride is not None and stride > context:
+        raise UserError(f"the context ({context} tokens) is shorter than the stride ({stride}); "
+                        f"use a stride of at most {context}, or a longer context")  # fmt: skip
+
+
 def text_perplexity(model, tokenizer, text: str, *, context: int | None = None, stride: int | None = None,
                     max_tokens: int | None = None, progress: bool = False) -> TextPerplexity:  # fmt: skip
     """Strided perplexity and bits per byte of ``text`` (tokenized whole, as transformers' guide does).
@@ -102,9 +108,7 @@ def text_perplexity(model, tokenizer, text: str, *, context: int | None = None, 
     """
     context = context or model.config.max_seq_len
     stride = stride or max(context // 2, 1)
-    if stride > context:  # checked before tokenizing a large file
-        raise UserError(f"the context ({context} tokens) is shorter than the stride ({stride}); "
-                        f"use a stride of at most {context}, or a longer context")  # fmt: skip
+    _check_stride(context, stride)  # before tokenizing a large file
     ids = tokenizer.encode(text)
     if max_tokens is not None and len(ids) > max_tokens:
         ids = ids[:max_tokens]
@@ -121,6 +125,7 @@ def file_perplexity(model_path=None, data: str | os.PathLike = "", *, context: i
     from lmforge.checkpoints import load_model
     from lmforge.tokenizer import load_tokenizer
 
+    _check_stride(context, stride)  # before loading anything
     path = Path(data)
     if not path.is_file():
         raise UserError(f"{path} is not a file; pass --data with a UTF-8 text file")
