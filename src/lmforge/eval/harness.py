@@ -52,7 +52,7 @@ class LmforgeLM(LM):
         prefix = self.tokenizer.bos_id if self.tokenizer.bos_id is not None else self.tokenizer.eos_id
         out = []
         for r in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
-            ids = [prefix] + self.tokenizer.encode(r.args[0], add_special_tokens=False)
+            ids = ([] if prefix is None else [prefix]) + self.tokenizer.encode(r.args[0], add_special_tokens=False)
             ctx = self.model.config.max_seq_len
             out.append(-perplexity(self.model, ids, context=ctx, stride=ctx).nll)
         return out
@@ -61,7 +61,8 @@ class LmforgeLM(LM):
         outputs = []
         for r in tqdm(requests, desc="generate_until", disable=disable_tqdm):
             context, gen_kwargs = r.args
-            until = gen_kwargs.get("until") or [self.tokenizer.decode([self.tokenizer.eos_id])]
+            eos = self.tokenizer.eos_id
+            until = gen_kwargs.get("until") or ([self.tokenizer.decode([eos])] if eos is not None else [])
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.get("max_gen_toks", self.max_gen_toks))
             outputs += greedy_until(self.model, self.tokenizer, [context], [until], max_new_tokens=max_new)

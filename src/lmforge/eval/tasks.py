@@ -118,6 +118,8 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     if not context:  # condition on the beginning-of-text token, as the harness does
         prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if prefix is None:
+            raise UserError("an empty context needs a beginning-of-text token, and this tokenizer has none; give every example a context")
         cont = tokenizer.encode(continuation, add_special_tokens=False)
         return [prefix], cont
     whole = tokenizer.encode(context + continuation)
