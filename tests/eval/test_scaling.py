@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -26,7 +27,8 @@ def test_fit_recovers_a_known_law_and_extrapolates():
     N, D = grid()
     rng = np.random.default_rng(0)
     L = predict(TRUE, N, D) * (1 + 0.002 * rng.standard_normal(N.size))  # 0.2% measurement noise
-    p = fit_law(N, D, L)  # from the default grid of starting points
+    starts = np.array(list(itertools.product([0.0, 8.0], [0.2, 0.6], [0.0, 8.0], [0.2, 0.6], [0.5])))  # none is the truth
+    p = fit_law(N, D, L, starts=starts)  # 16 of the default 72 starting points: faster, still enough here
     for n, d in [(6e5, 6.4e5), (2.3e5, 1.3e6), (6e5, 1.3e6)]:  # larger than anything fitted
         assert predict(p, n, d) == pytest.approx(predict(TRUE, n, d), rel=0.01)
     assert p["alpha"] == pytest.approx(TRUE["alpha"], rel=0.1) and p["beta"] == pytest.approx(TRUE["beta"], rel=0.1)

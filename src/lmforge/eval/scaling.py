@@ -191,14 +191,15 @@ def _huber(r: np.ndarray, delta: float) -> np.ndarray:
 
 
 def _objective(theta: np.ndarray, logN: np.ndarray, logD: np.ndarray, logL: np.ndarray, delta: float):
-    """Σ Huber(log L̂ - log L) and its gradient in θ = (log A, α, log B, β, log E)."""
+    """Σ Huber(log L̂ - log L) / δ and its gradient in θ = (log A, α, log B, β, log E) (divided by δ so the
+    optimiser's tolerances see values of order |residual|, whatever δ)."""
     a, alpha, b, beta, e = theta
     terms = np.stack([a - alpha * logN, b - beta * logD, np.full_like(logN, e)])  # (3, runs)
     pred = np.logaddexp.reduce(terms, axis=0)  # log(A/N^α + B/D^β + E)
     r = pred - logL
     w = np.exp(terms - pred) * np.clip(r, -delta, delta)  # d Huber / d term_i
     grad = np.array([w[0].sum(), -(w[0] * logN).sum(), w[1].sum(), -(w[1] * logD).sum(), w[2].sum()])
-    return float(_huber(r, delta).sum()), grad
+    return float(_huber(r, delta).sum()) / delta, grad / delta
 
 
 def _minimize(theta0: np.ndarray, args: tuple) -> tuple[np.ndarray, float]:
