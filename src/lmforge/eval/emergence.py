@@ -73,6 +73,7 @@ def plot_emergence(rows: list[dict], path: Path, title: str = "") -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sizes = sorted({r["N"] for r in rows})
     colors = {n: plt.cm.viridis(i / max(len(sizes) - 1, 1)) for i, n in enumerate(sizes)}
@@ -85,6 +86,7 @@ def plot_emergence(rows: list[dict], path: Path, title: str = "") -> Path:
             ys = [1 - r[key] if key == "edit_distance" else r[key] for r in rs]
             ax.plot([r["C"] for r in rs], ys, marker="o", color=colors[n], label=f"N = {n / 1e3:.0f}k")
         ax.set(xscale="log", xlabel="training compute C = 6·N·D (FLOPs)", title=label, ylim=(-0.03, 1.03))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decade labels only
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"emergence vs metric: {title}")

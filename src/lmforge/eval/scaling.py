@@ -413,6 +413,7 @@ def plot_scaling(runs: list[dict], p: dict[str, float], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), dpi=110)
     sizes = sorted({r["N"] for r in runs})
@@ -428,6 +429,7 @@ def plot_scaling(runs: list[dict], p: dict[str, float], path: Path) -> Path:
                        edgecolor="k" if r["held_out"] else None, zorder=3)  # fmt: skip
         ax.plot([], [], color=colors[n], marker="o", label=f"N = {n / 1e3:.0f}k")
     ax.set(xscale="log", xlabel="training tokens D", ylabel="validation loss (nats/token)", title="loss vs data (lines: fit)")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decade labels only
     ax.legend(fontsize=7)
     ax = axes[1]
     C = np.array([r["C"] for r in runs], float)
