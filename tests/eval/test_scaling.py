@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lmforge.cli import main
-from lmforge.eval.scaling import compute_optimal, fit_law, load_plan, predict, sweep
+from lmforge.eval.scaling import compute_optimal, fit_law, load_plan, predict, sweep, undetermined
 from lmforge.errors import UserError
 
 TRUE = {"E": 1.6, "A": 40.0, "alpha": 0.35, "B": 600.0, "beta": 0.5}
@@ -32,6 +32,10 @@ def test_fit_recovers_a_known_law_and_extrapolates():
     for n, d in [(6e5, 6.4e5), (2.3e5, 1.3e6), (6e5, 1.3e6)]:  # larger than anything fitted
         assert predict(p, n, d) == pytest.approx(predict(TRUE, n, d), rel=0.01)
     assert p["alpha"] == pytest.approx(TRUE["alpha"], rel=0.1) and p["beta"] == pytest.approx(TRUE["beta"], rel=0.1)
+    assert undetermined(p, N, D) == []
+    # a loss that ignores N entirely: nothing pins down A and alpha, and the fit says so
+    flat = fit_law(N, D, 1.0 + 30.0 / D**0.3, starts=starts[:4])
+    assert "A/N^alpha" in undetermined(flat, N, D)
 
 
 def test_compute_optimal_allocation_minimises_the_loss_at_fixed_compute():

@@ -79,6 +79,9 @@ def _print_fit(r: dict, out) -> None:
     p, ci = r["params"], r["ci95"]
     shown = ", ".join(f"{k} {p[k]:.4g}" + (f" [{ci[k][0]:.3g}, {ci[k][1]:.3g}]" if k in ci else "") for k in p)
     print(f"fit on {r['fit_runs']} runs: {shown}")
+    if r.get("undetermined"):
+        print(f"warning: the runs do not determine {', '.join(r['undetermined'])} (a parameter on the edge of its range, "
+              "or a term under 1% of the loss): the fit is degenerate, its predictions are guesses")  # fmt: skip
     for h in r["held_out"]:
         print(f"held-out {h['name']}: measured {h['loss']:.4f}, predicted {h['predicted']:.4f} ({100 * h['rel_error']:+.2f}%)")
     print(f"wrote {out}/fit.json, {out}/scaling.png, {out}/runs.json")

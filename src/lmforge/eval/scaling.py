@@ -45,6 +45,8 @@ import yaml
 from lmforge.errors import UserError
 
 PARAMS = ("E", "A", "alpha", "B", "beta")
+# the search box of θ = (log A, α, log B, β, log E); a fit that ends on its edge is not a power law the data pin down
+BOUNDS = {"A": (-10.0, 40.0), "alpha": (0.0, 3.0), "B": (-10.0, 40.0), "beta": (0.0, 3.0), "E": (-5.0, 5.0)}
 
 
 # --- the sweep plan ------------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ def _minimize(theta0: np.ndarray, args: tuple) -> tuple[np.ndarray, float]:
         from scipy.optimize import minimize
     except ImportError:  # torch's L-BFGS on the same objective
         return _minimize_torch(theta0, *args)
-    bounds = [(-10, 40), (0.0, 3.0), (-10, 40), (0.0, 3.0), (-5, 5)]
+    bounds = list(BOUNDS.values())
     r = minimize(_objective, theta0, args=args, jac=True, method="L-BFGS-B", bounds=bounds)
     return r.x, float(r.fun)
 
@@ -243,6 +245,19 @@ def fit_law(N, D, L, *, delta: float = 1e-3, starts: np.ndarray | None = None) -
     a, alpha, b, beta, e = best
     return {"E": math.exp(e), "A": math.exp(a), "alpha": float(alpha), "B": math.exp(b), "beta": float(beta),
             "objective": best_loss, "_theta": best.tolist()}  # fmt: skip
+
+
+def undetermined(p: dict[str, float], N, D, tol: float = 1e-3, share: float = 0.01) -> list[str]:
+    """What the fitted runs do not pin down: parameters that ended on the edge of the search box, and
+    terms (E, A/N^alpha, B/D^beta) below ``share`` of the predicted loss at every fitted run."""
+    theta = dict(zip(("A", "alpha", "B", "beta", "E"), p["_theta"]))
+    out = [k for k, (lo, hi) in BOUNDS.items() if min(abs(theta[k] - lo), abs(theta[k] - hi)) < tol]
+    N, D = np.asarray(N, float), np.asarray(D, float)
+    total = predict(p, N, D)
+    for name, term in (("E", np.full_like(total, p["E"])), ("A/N^alpha", p["A"] / N ** p["alpha"]), ("B/D^beta", p["B"] / D ** p["beta"])):
+        if (term / total).max() < share and name not in out:
+            out.append(name)
+    return out
 
 
 def predict(p: dict[str, float], N, D) -> np.ndarray:
@@ -398,6 +413,7 @@ def fit_and_report(runs: list[dict], out: Path, *, bootstrap_samples: int = 200)
         "law": "L(N, D) = E + A / N^alpha + B / D^beta  (N: non-embedding parameters, D: training tokens)",
         "params": {k: p[k] for k in PARAMS}, "ci95": ci, "bootstrap_samples": len(boots),
         "fit_runs": len(fit_rows), "fit_max_rel_error": float(np.abs(fit_resid).max()),
+        "undetermined": undetermined(p, N, D),
         "compute_optimal": {"N_opt_exponent": b / (a + b), "D_opt_exponent": a / (a + b)},
         "held_out": held,
     }  # fmt: skip
