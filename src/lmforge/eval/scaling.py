@@ -29,6 +29,7 @@ Writes ``DIR/runs.json`` (one record per finished run: the sweep resumes by skip
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -319,14 +320,22 @@ def sweep(recipe: str | os.PathLike, data, out: str | os.PathLike, *, budget_min
 
     ``threads`` sets torch's intra-op threads for the timing and the runs (1 is fastest for tiny
     models on a busy machine)."""
-    if threads is not None:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return sweep(recipe, data, out, budget_minutes=budget_minutes, dry_run=dry_run,
-                         bootstrap_samples=bootstrap_samples, progress=progress)  # fmt: skip
-        finally:
-            torch.set_num_threads(before)
+    with _torch_threads(threads):
+        return _sweep(recipe, data, out, budget_minutes, dry_run, bootstrap_samples, progress)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sweep(recipe, data, out, budget_minutes, dry_run, bootstrap_samples, progress) -> dict:
     from tqdm.auto import tqdm
 
     from lmforge.train import pretrain
