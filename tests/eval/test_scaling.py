@@ -146,3 +146,16 @@ def test_emergence_scores_every_run_with_both_kinds_of_metric(tmp_path):
         assert 0 <= x["exact_match"] <= 1 and 0 < x["target_token_prob"] < 1 and 0 <= x["edit_distance"] <= 1
     assert json.loads((tmp_path / "emergence.json").read_text()) == r
     assert (tmp_path / "emergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_torch_optimiser_fallback_finds_the_same_minimum():
+    """Without scipy the fit runs torch's L-BFGS on the same objective."""
+    from lmforge.eval import scaling
+
+    N, D = grid()
+    args = (np.log(N), np.log(D), np.log(predict(TRUE, N, D)), 1e-3)
+    theta0 = np.array([3.0, 0.3, 6.0, 0.4, 0.3])
+    x, f = scaling._minimize_torch(theta0, *args)
+    assert f < 1e-8
+    assert np.exp(x[[0, 2, 4]]) == pytest.approx([TRUE["A"], TRUE["B"], TRUE["E"]], rel=1e-3)
+    assert x[[1, 3]] == pytest.approx([TRUE["alpha"], TRUE["beta"]], rel=1e-3)

@@ -218,13 +218,13 @@ def _minimize(theta0: np.ndarray, args: tuple) -> tuple[np.ndarray, float]:
 def _minimize_torch(theta0, logN, logD, logL, delta):
     theta = torch.tensor(theta0, dtype=torch.float64, requires_grad=True)
     N, D, L = (torch.tensor(v, dtype=torch.float64) for v in (logN, logD, logL))
-    opt = torch.optim.LBFGS([theta], max_iter=500, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([theta], max_iter=2000, tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
         a, alpha, b, beta, e = theta
         pred = torch.logsumexp(torch.stack([a - alpha * N, b - beta * D, e.expand_as(N)]), 0)
-        loss = torch.nn.functional.huber_loss(pred, L, delta=delta, reduction="sum")
+        loss = torch.nn.functional.huber_loss(pred, L, delta=delta, reduction="sum") / delta  # as _objective
         loss.backward()
         return loss
 
