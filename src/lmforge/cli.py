@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Other verbs register here (one add_parser block each).
     __import__("lmforge.nn.bench", fromlist=["add_parser"]).add_parser(sub)  # bench-attention
     __import__("lmforge.rag.cli", fromlist=["add_parser"]).add_parser(sub)
+    __import__("lmforge.eval.cli", fromlist=["add_parser"]).add_parser(sub)  # eval, scaling, viz
     return p
 
 

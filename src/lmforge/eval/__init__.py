@@ -1,5 +1,18 @@
-"""Evaluation: perplexity (strided, as transformers' perplexity guide computes it), tasks, scaling laws."""
+"""Evaluation: perplexity (strided, as transformers' perplexity guide computes it), few-shot tasks,
+scaling laws, emergence and visuals.
 
-from lmforge.eval.perplexity import PerplexityResult, perplexity
+    perplexity / text_perplexity            lmforge.eval.perplexity
+    load_task / evaluate_task / loglikelihood   lmforge.eval.tasks  (make_task: lmforge.eval.make_tasks)
+    sweep / fit_law / predict               lmforge.eval.scaling
+    emergence                               lmforge.eval.emergence
+    attention_maps / training_dashboard     lmforge.eval.viz
+    LmforgeLM (lm-evaluation-harness)       lmforge.eval.harness  (needs lm_eval)
+"""
 
-__all__ = ["PerplexityResult", "perplexity"]
+from lmforge.eval.perplexity import PerplexityResult, TextPerplexity, perplexity, text_perplexity
+from lmforge.eval.tasks import Task, TaskResult, evaluate_task, evaluate_tasks, load_task, loglikelihood
+
+__all__ = [
+    "PerplexityResult", "TextPerplexity", "perplexity", "text_perplexity",
+    "Task", "TaskResult", "evaluate_task", "evaluate_tasks", "load_task", "loglikelihood",
+]
