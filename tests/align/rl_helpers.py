@@ -1,0 +1,64 @@
+"""Tiny checkpoints and data files shared by the reward-model, DPO, PPO and GRPO tests."""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lmforge import ModelConfig, build_model
+from lmforge.checkpoints import save_pretrained
+
+
+@functools.cache
+def smollm2_tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer (chat template included) as tokenizer.json, read from the bundled GGUF once."""
+    from lmforge.tokenizer import load_tokenizer
+
+    d = Path(tempfile.mkdtemp(prefix="lmforge-rl-tok-"))
+    load_tokenizer().save(d)
+    return d
+
+
+@functools.cache
+def tiny_model_dir(family: str = "llama", seed: int = 0) -> Path:
+    """A 2-layer, 32-wide model of ``family`` with SmolLM2's tokenizer (49152 ids), saved in HF format."""
+    from lmforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(smollm2_tokenizer_dir())
+    preset = {"llama": "smollm2-135m", "gpt2": "gpt2"}[family]
+    kw = dict(n_kv_head=2) if family == "llama" else {}
+    cfg = ModelConfig.from_name(preset, n_layer=2, n_embd=32, n_head=4, d_ff=64, vocab_size=tok.vocab_size,
+                                max_seq_len=160, **kw)  # fmt: skip
+    if family == "gpt2":
+        cfg = cfg.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    d = Path(tempfile.mkdtemp(prefix=f"lmforge-rl-{family}-"))
+    save_pretrained(model, d, tokenizer=tok)
+    return d
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+GOOD = ["lovely", "kind", "bright", "gentle", "sweet", "happy", "fair", "noble"]
+BAD = ["vile", "cruel", "dark", "foul", "bitter", "wretched", "base", "grim"]
+
+
+def word_pairs(n: int, seed: int = 0) -> list[dict]:
+    """A preference task a tiny model learns in a few steps: chosen responses use pleasant words."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        subject = rng.choice(["the night", "my lord", "this day", "the king", "her voice"])
+        rows.append({"prompt": f"Describe {subject}.", "chosen": f"{subject} is {rng.choice(GOOD)}.",
+                     "rejected": f"{subject} is {rng.choice(BAD)}."})  # fmt: skip
+    return rows
