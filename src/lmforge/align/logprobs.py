@@ -70,10 +70,12 @@ def response_logprobs(
     batch: SequenceBatch,
     *,
     return_hidden: bool = False,
+    return_logits: bool = False,
     temperature: float = 1.0,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+):
     """log p(response token | everything before it) (B, R), 0 on padding; with ``return_hidden``
-    also the hidden states that predicted them (B, R, D), for a value head."""
+    also the hidden states that predicted them (B, R, D), for a value head; with ``return_logits``
+    the logits (B, R, V) too (for entropy or a full-distribution KL)."""
     _check_decoder(model)
     h = model.hidden(batch.input_ids)  # (B, T, D)
     D = h.shape[-1]
@@ -83,7 +85,16 @@ def response_logprobs(
         logits = logits / temperature
     picked = torch.gather(logits, 2, batch.tokens[..., None]).squeeze(-1)  # (B, R)
     logps = (picked - torch.logsumexp(logits, -1)) * batch.mask  # log-softmax at the chosen ids only
-    return (logps, pred) if return_hidden else logps
+    extra = ((pred,) if return_hidden else ()) + ((logits,) if return_logits else ())
+    return (logps, *extra) if extra else logps
+
+
+def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Exact KL(π || π_ref) of the next-token distributions, averaged over the masked positions:
+    Σ_v p log(p/q) from full logits (B, R, V) each."""
+    logp, logq = torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, R)
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
 
 
 def sequence_logprobs(model, batch: SequenceBatch) -> torch.Tensor:
