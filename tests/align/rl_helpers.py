@@ -62,3 +62,35 @@ def word_pairs(n: int, seed: int = 0) -> list[dict]:
         rows.append({"prompt": f"Describe {subject}.", "chosen": f"{subject} is {rng.choice(GOOD)}.",
                      "rejected": f"{subject} is {rng.choice(BAD)}."})  # fmt: skip
     return rows
+
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz .,"
+
+
+@functools.cache
+def char_model_dir(seed: int = 0) -> Path:
+    """A 2-layer decoder over 29 characters (no end-of-sequence token: every completion runs to
+    max_new_tokens) — small enough that a few RL steps visibly move it."""
+    from lmforge.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text(ALPHABET)
+    cfg = ModelConfig.from_name("smollm2-135m", n_layer=2, n_embd=32, n_head=4, n_kv_head=2, d_ff=64,
+                                vocab_size=tok.vocab_size, max_seq_len=64, bos_token_id=None, eos_token_id=None,
+                                pad_token_id=None)  # fmt: skip
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    d = Path(tempfile.mkdtemp(prefix="lmforge-rl-char-"))
+    save_pretrained(model, d, tokenizer=tok)
+    return d
+
+
+def vowel_share(prompt=None, completion: str = "", **_) -> float:
+    """A reward a tiny character model can learn in a few steps: the share of vowels it writes."""
+    return sum(c in "aeiou" for c in completion) / max(1, len(completion))
+
+
+def char_prompts(n: int) -> list[dict]:
+    import random
+
+    rng = random.Random(0)
+    return [{"prompt": "".join(rng.choice("bcdfg ") for _ in range(4)) + "x"} for _ in range(n)]

@@ -327,3 +327,48 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
         out += take
         pos += len(take)
     return out
+
+
+# --- rollouts (PPO, GRPO) ---------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """Sampled completions of a batch of prompts, one row per completion."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]  # generated ids, the eos that ended them included
+    texts: list[str]
+    records: list[dict]  # the prompt records (prompt + fields for reward functions), one per row
+    truncated: list[bool]  # hit max_new_tokens without an end of sequence
+
+
+@torch.no_grad()
+def sample_rollouts(policy, tokenizer, records: list[dict], cfg, n: int = 1) -> Rollout:
+    """``n`` completions per prompt record through the public generation API (``lmforge.inference.complete``),
+    sampled with the config's max_new_tokens / temperature / top_k / top_p from the global RNG."""
+    from lmforge.align.pairs import encode_prompt
+    from lmforge.inference import complete
+
+    budget = min(cfg.max_length, policy.config.max_seq_len) - cfg.max_new_tokens
+    prompts = []
+    for r in records:
+        ids = encode_prompt(tokenizer, r["prompt"], cfg.chat)
+        if len(ids) > budget:
+            raise UserError(f"{r.get('_where', 'a prompt')}: the prompt has {len(ids)} tokens, more than max_length - "
+                            f"max_new_tokens = {budget}; raise max_length or shorten it.")  # fmt: skip
+        prompts.append(ids)
+    was = policy.training
+    policy.eval()
+    try:
+        done = complete(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_k=cfg.top_k, top_p=cfg.top_p, n=n)  # fmt: skip
+    finally:
+        policy.train(was)
+    flat = [c for group in done for c in (group if n > 1 else [group])]
+    rows = [i for i in range(len(records)) for _ in range(n)]
+    return Rollout(
+        prompt_ids=[prompts[i] for i in rows],
+        response_ids=[list(c.token_ids) for c in flat],
+        texts=[c.text for c in flat],
+        records=[records[i] for i in rows],
+        truncated=[c.finish_reason == "length" for c in flat],
+    )
