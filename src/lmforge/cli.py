@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     # Other verbs register here (one add_parser block each).
+    from lmforge.align.rl_cli import add_parser as add_rl_verbs; add_rl_verbs(sub)  # rm, dpo, ppo, grpo  # noqa: E702
     return p
 
 

@@ -194,11 +194,11 @@ class Run:
         self.metrics: MetricsLog | None = None
 
     def start(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, extra: dict | None = None) -> int:
-        self.out.mkdir(parents=True, exist_ok=True)
         step = 0
         ckpt = latest_checkpoint(self.out) if self.resume else None
         if self.resume and ckpt is None:
             raise UserError(f"--resume: {self.out} has no checkpoint to resume from; run without --resume.")
+        self.out.mkdir(parents=True, exist_ok=True)
         if ckpt is not None:
             state = json.loads((ckpt / STATE_FILE).read_text())
             if state.get("kind") != self.kind:
