@@ -14,7 +14,7 @@ One step:
         --reward=lmforge.align.rl_tasks:vader_reward
 
 ``data`` is JSONL with a ``prompt`` per line (text or chat messages); other keys reach reward
-functions. A held-out share of the prompts (``eval_fraction``) is sampled at step 0 and at every
+functions. Held-out prompts (``eval_data``, or a share ``eval_fraction`` of ``data``) are sampled at step 0 and at every
 evaluation: ``eval_reward`` (by ``eval_reward_source``, default the training reward) and
 ``eval_kl`` (the sequence-level KL to the reference of those samples) are logged.
 """
@@ -50,6 +50,7 @@ class SamplingConfig(AlignConfig):
     top_k: int = 0
     top_p: float = 1.0
     eval_prompts: int = 64  # held-out prompts sampled per evaluation (at most)
+    eval_data: str | None = None  # JSONL of held-out prompts; None: eval_fraction of --data
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -159,7 +160,10 @@ def _setup(cfg: SamplingConfig, data, kind: str):
         raise ConfigError(f"{kind} trains a decoder-only policy; {cfg.model} is {policy.config.arch}.")
     ref = frozen_copy(policy)
     freeze_lower_layers(policy, cfg.train_layers)
-    train, held = split_eval(records, cfg.eval_fraction, cfg.seed)
+    if cfg.eval_data is not None:
+        train, held = records, read_prompt_records(cfg.eval_data)
+    else:
+        train, held = split_eval(records, cfg.eval_fraction, cfg.seed)
     held = held[: cfg.eval_prompts]
     return train, held, reward, eval_reward, policy, ref, tok
 

@@ -358,9 +358,12 @@ def sample_rollouts(policy, tokenizer, records: list[dict], cfg, n: int = 1) -> 
         prompts.append(ids)
     was = policy.training
     policy.eval()
+    done = []
+    per_call = max(1, cfg.micro // n)  # prompts per generate call: about micro_batch_size rows in flight
     try:
-        done = complete(policy, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                        top_k=cfg.top_k, top_p=cfg.top_p, n=n)  # fmt: skip
+        for i in range(0, len(prompts), per_call):
+            done += complete(policy, tokenizer, prompts[i : i + per_call], max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=n)  # fmt: skip
     finally:
         policy.train(was)
     flat = [c for group in done for c in (group if n > 1 else [group])]
