@@ -2,7 +2,7 @@
 
 The installed TRL (1.x) no longer ships a PPO trainer: GAE, the adaptive KL controller, the
 per-token KL reward and the clipped value loss only exist in older releases. This helper fetches
-the trl 0.11.4 wheel with pip (cached under ~/.cache/lmforge-tests), and executes the exact source
+the trl 0.11.4 wheel with pip (cached in the repository's git-ignored .cache/, as tests/_assets.py does), and executes the exact source
 of the functions and methods we compare against (``PPOTrainer.compute_rewards / _kl_penalty /
 compute_advantages / loss``, ``AdaptiveKLController``, and ``trl.core``'s masked statistics),
 pulled out with ``ast`` so nothing else of that old package is imported. When the wheel cannot be
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 VERSION = "0.11.4"
-CACHE = Path.home() / ".cache" / "lmforge-tests"
+CACHE = Path(__file__).resolve().parents[2] / ".cache"
 
 
 def _wheel() -> Path:

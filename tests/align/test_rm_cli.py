@@ -61,3 +61,19 @@ def test_errors_are_one_sentence_and_exit_2(tmp_path, capsys):
     assert main(["rm", recipe, "--data", str(good), "--out", out, "--resume"]) == 2
     assert "has no checkpoint to resume from" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,kind", [("rm-vader-smollm2.yaml", "rm"), ("dpo-smollm2.yaml", "dpo"),
+                                       ("ppo-vader-smollm2.yaml", "ppo"), ("grpo-arithmetic-smollm2.yaml", "grpo")])
+def test_shipped_recipes_parse(name, kind):
+    from pathlib import Path
+
+    from lmforge.align.dpo import DPOConfig
+    from lmforge.align.grpo import GRPOConfig
+    from lmforge.align.ppo import PPOConfig
+    from lmforge.align.rl_common import load_config
+    from lmforge.align.rm import RMConfig
+
+    cls = {"rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "grpo": GRPOConfig}[kind]
+    cfg = load_config(cls, Path(__file__).resolve().parents[2] / "configs" / name, ["--max_steps=3"])
+    assert cfg.max_steps == 3 and cfg.model is None  # the bundled SmolLM2
