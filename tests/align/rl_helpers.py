@@ -15,11 +15,20 @@ from lmforge.checkpoints import save_pretrained
 
 @functools.cache
 def smollm2_tokenizer_dir() -> Path:
-    """SmolLM2's tokenizer (chat template included) as tokenizer.json, read from the bundled GGUF once."""
+    """SmolLM2's tokenizer (chat template included) as tokenizer.json, read from the bundled GGUF once
+    and kept in the repository's git-ignored .cache/ (reading the GGUF takes seconds)."""
+    import os
+    import shutil
+
     from lmforge.tokenizer import load_tokenizer
 
-    d = Path(tempfile.mkdtemp(prefix="lmforge-rl-tok-"))
-    load_tokenizer().save(d)
+    d = Path(__file__).resolve().parents[2] / ".cache" / "smollm2-tokenizer"
+    if not (d / "tokenizer_config.json").is_file():
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-tokenizer-", dir=d.parent))
+        load_tokenizer().save(tmp)
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)  # whole or absent
     return d
 
 
