@@ -103,3 +103,22 @@ def test_endpoint_reward_asks_a_judge(monkeypatch):
     src = resolve_reward("http://judge.invalid/v1")
     assert src(["Say hi"], ["Hello!"]) == [0.7]
     assert seen[0]["model"] == "judge" and "Hello!" in seen[0]["messages"][0]["content"]
+
+
+def test_reward_model_source_scores_like_the_model(tmp_path):
+    from lmforge.align.rm import reward_model_from
+    from lmforge.tokenizer import load_tokenizer
+    from rl_helpers import tiny_model_dir
+
+    d = tiny_model_dir("llama")
+    rm = reward_model_from(load_model(d), pad_id=2)
+    torch.nn.init.normal_(rm.score.weight)
+    tok = load_tokenizer(d)
+    rm.save_pretrained(tmp_path / "rm", tokenizer=tok)
+    src = resolve_reward(f"rm:{tmp_path / 'rm'}")
+    got = src(["Say hi.", "Say bye."], ["Hello!", "Farewell, friend."])
+    want = rm.eval().score_texts(tok, ["Say hi.", "Say bye."], ["Hello!", "Farewell, friend."])
+    torch.testing.assert_close(torch.tensor(got), want)
+    assert got[0] != got[1]
+    with pytest.raises(RewardError, match="does not exist; train one with `lmforge rm`"):
+        resolve_reward(f"rm:{tmp_path / 'nope'}")
