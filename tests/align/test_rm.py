@@ -73,7 +73,8 @@ def test_bad_pairs_name_file_and_line_and_write_nothing(tmp_path, row, match):
     assert not (tmp_path / "out").exists()
 
 
-def test_encoder_reward_model_scores_with_its_classifier():
+def test_encoder_reward_model_scores_with_its_classifier(tmp_path):
+    transformers = pytest.importorskip("transformers")
     from lmforge import ModelConfig, build_model
 
     torch.manual_seed(0)
@@ -85,3 +86,9 @@ def test_encoder_reward_model_scores_with_its_classifier():
     # padding does not change a sequence's score
     torch.testing.assert_close(rm(ids[:1, :3]), s[:1])
     assert isinstance(rm, RewardModel) and rm.score is None and rm.backbone.config.num_labels == 1
+    rm.save_pretrained(tmp_path / "rm")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, attention_mask=(ids != 0).long()).logits.squeeze(-1)
+    torch.testing.assert_close(s.detach(), theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(load_reward_model(tmp_path / "rm")(ids).detach(), s.detach())
