@@ -153,6 +153,7 @@ def _setup(cfg: SamplingConfig, data, kind: str):
     """What PPO and GRPO start from: prompt records split, policy, frozen reference, rewards."""
     seed_everything(cfg.seed)
     records = read_prompt_records(data)
+    eval_records = read_prompt_records(cfg.eval_data) if cfg.eval_data is not None else None
     reward = resolve_reward(cfg.reward)
     eval_reward = resolve_reward(cfg.eval_reward_source) if cfg.eval_reward_source else reward
     policy, tok = load_policy(cfg)
@@ -160,8 +161,8 @@ def _setup(cfg: SamplingConfig, data, kind: str):
         raise ConfigError(f"{kind} trains a decoder-only policy; {cfg.model} is {policy.config.arch}.")
     ref = frozen_copy(policy)
     freeze_lower_layers(policy, cfg.train_layers)
-    if cfg.eval_data is not None:
-        train, held = records, read_prompt_records(cfg.eval_data)
+    if eval_records is not None:
+        train, held = records, eval_records
     else:
         train, held = split_eval(records, cfg.eval_fraction, cfg.seed)
     held = held[: cfg.eval_prompts]
