@@ -1,0 +1,257 @@
+"""RLHF with PPO: a policy with a value head, a frozen reference, a per-token KL penalty and GAE.
+
+One step:
+  1. rollout   sample ``batch_size`` prompts, generate a completion for each (``lmforge.inference``);
+  2. score     the reward source scores each completion (a reward model, a Python function, an
+               OpenAI-compatible judge — ``rewards.py``);
+  3. rewards   per token: -β·(log π - log π_ref), plus the score on the last token; β fixed or
+               adapted towards ``kl_target`` (``losses.KLController``);
+  4. GAE       advantages and returns from the value head's estimates (whitened per batch);
+  5. update    ``ppo_epochs`` passes over the rollout in mini-batches, minimising the clipped
+               policy loss + vf_coef × the clipped value loss.
+
+    lmforge ppo configs/ppo-vader-smollm2.yaml --data prompts.jsonl --out runs/ppo \\
+        --reward=lmforge.align.rl_tasks:vader_reward
+
+``data`` is JSONL with a ``prompt`` per line (text or chat messages); other keys reach reward
+functions. Held-out prompts (``eval_data``, or a share ``eval_fraction`` of ``data``) are sampled at step 0 and at every
+evaluation: ``eval_reward`` (by ``eval_reward_source``, default the training reward) and
+``eval_kl`` (the sequence-level KL to the reference of those samples) are logged.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.align import losses as L
+from lmforge.align.logprobs import pack, response_logprobs
+from lmforge.align.pairs import read_prompt_records
+from lmforge.align.rewards import resolve_reward
+from lmforge.align.rl_common import (AlignConfig, Rollout, Run, batch_indices, freeze_lower_layers, frozen_copy,
+                                     load_policy, lr_factor, make_optimizer, progress_bar, sample_rollouts,
+                                     seed_everything, split_eval)  # fmt: skip
+from lmforge.config import ConfigError
+
+
+@dataclass
+class SamplingConfig(AlignConfig):
+    """What PPO and GRPO add to every run: the reward and how completions are sampled."""
+
+    reward: str | None = None  # rm:PATH | module:function | file.py:function | http(s)://HOST/v1
+    eval_reward_source: str | None = None  # the held-out reward; None: the training reward
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eval_prompts: int = 64  # held-out prompts sampled per evaluation (at most)
+    eval_data: str | None = None  # JSONL of held-out prompts; None: eval_fraction of --data
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_new_tokens < 1 or self.temperature <= 0:
+            raise ConfigError("max_new_tokens must be at least 1 and temperature positive (PPO/GRPO sample).")
+
+
+@dataclass
+class PPOConfig(SamplingConfig):
+    learning_rate: float = 1e-5
+    ppo_epochs: int = 2  # passes over each rollout
+    mini_batch_size: int | None = None  # rollouts per gradient step; None: the whole batch
+    clip: float = 0.2  # policy ratio clip ε
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05  # β of the per-token KL penalty (its start value when adaptive)
+    kl_target: float | None = None  # adaptive β towards this sequence KL (Ziegler et al.); None: fixed
+    kl_horizon: int = 10000
+    kl_estimator: str = "k1"
+    whiten_rewards: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kl_estimator not in L.KL_ESTIMATORS:
+            raise ConfigError(f"kl_estimator={self.kl_estimator!r} is not supported; choose one of {', '.join(L.KL_ESTIMATORS)}.")
+        if self.ppo_epochs < 1:
+            raise ConfigError(f"ppo_epochs must be at least 1, got {self.ppo_epochs}.")
+
+
+@dataclass
+class RLResult:
+    run_dir: Path
+    model_dir: Path
+    first_eval: dict
+    last_eval: dict
+    steps: int
+
+
+class ValueHead(nn.Module):
+    """V(s_t): a scalar per position from the policy's final hidden state (B, R, D) -> (B, R)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h.float()).squeeze(-1)
+
+
+def pad_id_of(policy, tok) -> int:
+    return next(v for v in (policy.config.pad_token_id, tok.pad_id, tok.eos_id, 0) if v is not None)
+
+
+@torch.no_grad()
+def rollout_logprobs(model, rollout: Rollout, pad_id: int, micro: int, value_head: nn.Module | None = None):
+    """log-probs (B, R) of the rollout's responses under ``model`` (and values (B, R) with a value head),
+    in micro-batches; plus the batch's mask (B, R)."""
+    was = model.training
+    model.eval()
+    logps, values = [], []
+    R = max(len(r) for r in rollout.response_ids)
+    for i in range(0, len(rollout.response_ids), micro):
+        batch = pack(rollout.prompt_ids[i : i + micro], rollout.response_ids[i : i + micro], pad_id, model.device)
+        lp, h = response_logprobs(model, batch, return_hidden=True)
+        logps.append(nn.functional.pad(lp, (0, R - lp.shape[1])))
+        if value_head is not None:
+            values.append(nn.functional.pad(value_head(h) * batch.mask, (0, R - lp.shape[1])))
+    model.train(was)
+    mask = torch.zeros(len(rollout.response_ids), R, device=model.device)
+    for i, r in enumerate(rollout.response_ids):
+        mask[i, : len(r)] = 1
+    return torch.cat(logps), (torch.cat(values) if values else None), mask
+
+
+@torch.no_grad()
+def evaluate_policy(policy, ref, tok, records: list[dict], cfg: SamplingConfig, reward, pad_id: int) -> dict[str, float]:
+    """Sample the held-out prompts (fixed seed, the global RNG restored afterwards), score them with
+    the evaluation reward, and measure the sequence-level KL (k1, summed over tokens) to the reference."""
+    if not records:
+        return {}
+    state = torch.get_rng_state()
+    torch.manual_seed(cfg.seed + 7919)
+    try:
+        ro = sample_rollouts(policy, tok, records, cfg)
+    finally:
+        torch.set_rng_state(state)
+    scores = reward([r["prompt"] for r in ro.records], ro.texts, ro.records)
+    lp, _, mask = rollout_logprobs(policy, ro, pad_id, cfg.micro)
+    ref_lp, _, _ = rollout_logprobs(ref, ro, pad_id, cfg.micro)
+    kl = ((lp - ref_lp) * mask).sum(-1)
+    return {"eval_reward": float(sum(scores) / len(scores)), "eval_kl": kl.mean().item(),
+            "eval_length": mask.sum(-1).mean().item()}  # fmt: skip
+
+
+def _setup(cfg: SamplingConfig, data, kind: str):
+    """What PPO and GRPO start from: prompt records split, policy, frozen reference, rewards."""
+    seed_everything(cfg.seed)
+    records = read_prompt_records(data)
+    eval_records = read_prompt_records(cfg.eval_data) if cfg.eval_data is not None else None
+    reward = resolve_reward(cfg.reward)
+    eval_reward = resolve_reward(cfg.eval_reward_source) if cfg.eval_reward_source else reward
+    policy, tok = load_policy(cfg)
+    if policy.config.arch != "decoder":
+        raise ConfigError(f"{kind} trains a decoder-only policy; {cfg.model} is {policy.config.arch}.")
+    ref = frozen_copy(policy)
+    freeze_lower_layers(policy, cfg.train_layers)
+    if eval_records is not None:
+        train, held = records, eval_records
+    else:
+        train, held = split_eval(records, cfg.eval_fraction, cfg.seed)
+    held = held[: cfg.eval_prompts]
+    return train, held, reward, eval_reward, policy, ref, tok
+
+
+def train_ppo(cfg: PPOConfig, data: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> RLResult:
+    """PPO on the prompts of ``data`` with ``cfg.reward``; the final policy is ``out/final``."""
+    train, held, reward, eval_reward, policy, ref, tok = _setup(cfg, data, "ppo")
+    pad_id = pad_id_of(policy, tok)
+    value_head = ValueHead(policy.config.n_embd).to(policy.device)
+    kl_ctl = L.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    opt = make_optimizer([policy, value_head], cfg)
+    run = Run(out, cfg, "ppo", resume)
+    extra: dict = {}
+    step = run.start({"policy": policy, "value_head": value_head}, opt, extra)
+    if "kl_ctl" in extra:
+        kl_ctl.load_state_dict(extra["kl_ctl"])
+    first_eval = extra.get("first_eval") or {}
+    if step == 0 and held:
+        first_eval = evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id)
+        run.log({"step": 0, **first_eval})
+    last_eval = dict(first_eval)
+    mini = cfg.mini_batch_size or cfg.batch_size
+    bar = progress_bar(cfg.max_steps, step, cfg.progress, "ppo")
+    while step < cfg.max_steps:
+        for g in opt.param_groups:
+            g["lr"] = cfg.learning_rate * lr_factor(step, cfg)
+        records = [train[i] for i in batch_indices(step, cfg.batch_size, len(train), cfg.seed)]
+        ro = sample_rollouts(policy, tok, records, cfg)
+        scores = torch.tensor(reward([r["prompt"] for r in ro.records], ro.texts, ro.records), device=policy.device)
+
+        # --- rewards, values, advantages (no gradients) ---
+        old_logps, old_values, mask = rollout_logprobs(policy, ro, pad_id, cfg.micro, value_head)
+        ref_logps, _, _ = rollout_logprobs(ref, ro, pad_id, cfg.micro)
+        rewards, kl = L.token_rewards(scores, old_logps, ref_logps, mask, kl_ctl.value, cfg.kl_estimator)
+        if cfg.whiten_rewards:
+            rewards = L.whiten(rewards, mask, shift_mean=False) * mask
+        adv, returns = L.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        adv = L.whiten(adv, mask) * mask
+
+        # --- PPO epochs over mini-batches ---
+        stats = {"pg_loss": 0.0, "vf_loss": 0.0, "clip_fraction": 0.0, "vf_clip_fraction": 0.0}
+        n_updates = 0
+        order = list(range(len(records)))
+        for _ in range(cfg.ppo_epochs):
+            random.shuffle(order)
+            for s in range(0, len(order), mini):
+                idx = order[s : s + mini]
+                opt.zero_grad(set_to_none=True)
+                parts = {k: 0.0 for k in stats}
+                for m in range(0, len(idx), cfg.micro):
+                    rows = idx[m : m + cfg.micro]
+                    batch = pack([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad_id, policy.device)
+                    R = batch.mask.shape[1]
+                    logps, h = response_logprobs(policy, batch, return_hidden=True)
+                    values = value_head(h)
+                    sel = torch.tensor(rows, device=policy.device)
+                    mk, a, ret = batch.mask, adv[sel, :R], returns[sel, :R]
+                    per_token, clipped = L.policy_loss(logps, old_logps[sel, :R], a, mk, cfg.clip)
+                    pg = L.masked_mean(per_token, mk)
+                    vf, vf_clip = L.value_loss(values, old_values[sel, :R], ret, mk, cfg.value_clip)
+                    share = len(rows) / len(idx)
+                    ((pg + cfg.vf_coef * vf) * share).backward()
+                    for k, v in (("pg_loss", pg), ("vf_loss", vf), ("clip_fraction", L.masked_mean(clipped, mk)),
+                                 ("vf_clip_fraction", vf_clip)):  # fmt: skip
+                        parts[k] += v.item() * share
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+                opt.step()
+                n_updates += 1
+                for k in stats:
+                    stats[k] += parts[k]
+        step += 1
+        seq_kl = kl.sum(-1).mean().item()
+        kl_ctl.update(seq_kl, len(records))
+        record = {"step": step, "score": scores.mean().item(), "kl": seq_kl, "kl_coef": kl_ctl.value,
+                  "length": mask.sum(-1).mean().item(), "truncated": sum(ro.truncated) / len(ro.truncated),
+                  **{k: v / n_updates for k, v in stats.items()}, "lr": opt.param_groups[0]["lr"]}  # fmt: skip
+        if held and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps):
+            last_eval = evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id)
+            record.update(last_eval)
+        if step % cfg.log_interval == 0 or "eval_reward" in record:
+            run.log(record)
+        bar.update(1)
+        bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{seq_kl:.3f}")
+        if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.max_steps:
+            run.save(step, {"policy": policy, "value_head": value_head}, opt, policy, tok,
+                     {"kl_ctl": kl_ctl.state_dict(), "first_eval": first_eval})  # fmt: skip
+    bar.close()
+    final = run.finish(policy, tok, f"PPO (kl_coef={cfg.kl_coef}{', adaptive' if kl_ctl.adaptive else ''})")
+    return RLResult(Path(out), final, first_eval, last_eval, step)

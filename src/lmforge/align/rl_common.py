@@ -1,0 +1,377 @@
+"""What the reward-model, DPO, PPO and GRPO runs share: the recipe, the run directory (metrics,
+curves, atomic checkpoints, resume), loading and partly freezing the model, the optimizer.
+
+A recipe is a flat YAML mapping of the run's config fields (``RMConfig``, ``DPOConfig``,
+``PPOConfig``, ``GRPOConfig``); ``--key=value`` overrides any of them and an unknown key is refused
+with the closest known names (the pretraining recipe's rules, ``lmforge.train.config``).
+
+    RUN/
+      metrics.jsonl           one JSON line per logged step (lmforge.train.metrics.MetricsLog)
+      curves.png              every logged series, one panel each
+      checkpoints/step-N/     policy (Hugging Face format) + extra heads + optimizer + RNG + state,
+                              written into .tmp-step-N and renamed: a checkpoint is whole or absent
+      final/                  the trained model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from lmforge.config import ConfigError
+from lmforge.errors import UserError
+from lmforge.train.checkpoint import STATE_FILE, _fsync_dir, _fsync_tree, checkpoint_root, latest_checkpoint, list_checkpoints
+from lmforge.train.config import coerce, parse_overrides, unknown_key
+from lmforge.train.metrics import MetricsLog, read_metrics
+from lmforge.train.optim import param_groups
+
+
+@dataclass
+class AlignConfig:
+    """Fields every alignment run has."""
+
+    model: str | None = None  # HF directory or .gguf file; None: the bundled SmolLM2-135M-Instruct
+    tokenizer: str | None = None  # default: the model's own
+    chat: bool | None = None  # text prompts through the chat template; None: when the tokenizer has one
+    max_steps: int = 100  # optimizer updates
+    batch_size: int = 8  # pairs (rm, dpo) or prompts (ppo, grpo) per update
+    micro_batch_size: int | None = None  # sequences per forward (gradient accumulation); None: batch_size
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0: off
+    warmup_steps: int = 0
+    max_length: int = 256  # prompt + response tokens
+    train_layers: int | None = None  # train only the last N blocks (and the final norm, heads); None: all
+    eval_fraction: float = 0.1  # share of the data held out (rm, dpo)
+    eval_interval: int = 50  # 0: only at the end
+    log_interval: int = 1
+    checkpoint_interval: int = 50  # 0: only at the end
+    keep_last: int = 2
+    seed: int = 0
+    progress: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "eval_interval", "checkpoint_interval", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}.")
+        for name in ("batch_size", "log_interval", "keep_last", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.micro_batch_size is not None and not 1 <= self.micro_batch_size:
+            raise ConfigError(f"micro_batch_size must be at least 1, got {self.micro_batch_size}.")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}.")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must lie in [0, 1), got {self.eval_fraction}.")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r} is not supported; choose float32 or bfloat16.")
+
+    @property
+    def micro(self) -> int:
+        return self.micro_batch_size or self.batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(cls, path: str | os.PathLike | None = None, overrides: dict | list[str] | None = None):
+    """A config of class ``cls`` from a flat YAML recipe plus ``--key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path} does not exist.")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            raise ConfigError(f"recipe {path} is not valid YAML.") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of keys to values.")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    values = {**raw, **(overrides or {})}
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in known:
+            raise unknown_key(key, known)
+    return cls(**{k: coerce(cls, k, v) for k, v in values.items()})
+
+
+# --- model ------------------------------------------------------------------------------------------
+def load_policy(cfg: AlignConfig):
+    """(model, tokenizer) in train mode on the CPU, in the config's dtype."""
+    from lmforge.checkpoints import load_model
+    from lmforge.tokenizer import load_tokenizer
+
+    dtype = getattr(torch, cfg.dtype)
+    model = load_model(cfg.model, dtype=dtype)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    model.train()
+    return model, tokenizer
+
+
+def freeze_lower_layers(model: nn.Module, train_layers: int | None) -> None:
+    """Train only the last ``train_layers`` blocks, the final norm and any head; freeze the rest
+    (embeddings included: with tied embeddings the LM head stays frozen too)."""
+    if train_layers is None:
+        return
+    layers = model.stack.layers
+    if not 0 <= train_layers <= len(layers):
+        raise ConfigError(f"train_layers={train_layers} must lie between 0 and the model's {len(layers)} layers.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in list(layers)[len(layers) - train_layers:]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    if model.stack.norm is not None and train_layers > 0:
+        for p in model.stack.norm.parameters():
+            p.requires_grad_(True)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The reference: a copy in eval mode with no gradients."""
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def make_optimizer(modules: list[nn.Module], cfg: AlignConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters (decay on linear weights only, lmforge.train's groups)."""
+    groups: list[dict] = []
+    for m in modules:
+        groups += [g for g in param_groups(m, cfg.weight_decay) if g["params"]]
+    if not groups:
+        raise ConfigError("no parameter is trainable; raise train_layers.")
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+
+
+def lr_factor(step: int, cfg: AlignConfig) -> float:
+    """Linear warmup over warmup_steps, then constant (the usual choice for short fine-tuning)."""
+    return min(1.0, (step + 1) / (cfg.warmup_steps + 1)) if cfg.warmup_steps else 1.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out) after a seeded shuffle."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(len(items) * fraction))
+    if fraction > 0 and n_eval == 0 and len(items) > 1:
+        n_eval = 1
+    held = [items[i] for i in order[:n_eval]]
+    train = [items[i] for i in order[n_eval:]]
+    if not train:
+        raise UserError(f"{len(items)} examples leave nothing to train on after holding out {fraction:.0%}; add data.")
+    return train, held
+
+
+# --- run directory ----------------------------------------------------------------------------------
+class Run:
+    """A run directory: metrics, curves, checkpoints. ``start()`` returns the step to begin at
+    (0, or the latest checkpoint's with ``resume``), having restored what was saved."""
+
+    def __init__(self, out: str | os.PathLike, cfg: AlignConfig, kind: str, resume: bool = False):
+        self.out, self.cfg, self.kind, self.resume = Path(out), cfg, kind, resume
+        self.metrics: MetricsLog | None = None
+
+    def start(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, extra: dict | None = None) -> int:
+        step = 0
+        ckpt = latest_checkpoint(self.out) if self.resume else None
+        if self.resume and ckpt is None:
+            raise UserError(f"--resume: {self.out} has no checkpoint to resume from; run without --resume.")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None:
+            state = json.loads((ckpt / STATE_FILE).read_text())
+            if state.get("kind") != self.kind:
+                raise UserError(f"{ckpt} is a {state.get('kind')} checkpoint, not {self.kind}; resume it with `lmforge {state.get('kind')}`.")
+            blob = torch.load(ckpt / "training.pt", weights_only=True)
+            for name, m in modules.items():
+                m.load_state_dict(blob["modules"][name])
+            optimizer.load_state_dict(blob["optimizer"])
+            torch.set_rng_state(blob["rng"])
+            random.setstate(_tuple(blob["py_rng"]))
+            if extra is not None:
+                extra.update(blob.get("extra", {}))
+            step = int(state["step"])
+        (self.out / "config.json").write_text(json.dumps({"kind": self.kind, **self.cfg.to_dict()}, indent=2))
+        self.metrics = MetricsLog(self.out, resume_step=step if ckpt is not None else None, tensorboard=False)
+        return step
+
+    def log(self, record: dict) -> None:
+        self.metrics.log({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()})
+
+    def save(self, step: int, modules: dict[str, nn.Module], optimizer, policy, tokenizer, extra: dict | None = None) -> Path:
+        """Checkpoint ``step``: written into a temporary folder, fsynced, then renamed (atomic)."""
+        root = checkpoint_root(self.out)
+        root.mkdir(parents=True, exist_ok=True)
+        final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(policy, tmp, tokenizer)
+        torch.save({"modules": {k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
+                    "rng": torch.get_rng_state(), "py_rng": random.getstate(), "extra": extra or {}}, tmp / "training.pt")  # fmt: skip
+        (tmp / STATE_FILE).write_text(json.dumps({"kind": self.kind, "step": step}))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(self.out)[: -self.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def finish(self, policy, tokenizer, title: str) -> Path:
+        """Write the final model (atomically, as a folder renamed into place) and the curves."""
+        final, tmp = self.out / "final", self.out / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(policy, tmp, tokenizer)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        if self.metrics is not None:
+            self.metrics.close()
+        plot_curves(self.out, title)
+        return final
+
+
+def _tuple(x):
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def save_model(model, directory: Path, tokenizer=None) -> None:
+    """A policy (Hugging Face format) or anything with its own ``save_pretrained`` (a reward model)."""
+    import warnings
+
+    from lmforge.checkpoints import save_pretrained
+
+    directory.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained") and not hasattr(model, "stack"):
+        model.save_pretrained(directory, tokenizer=tokenizer)
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*saving in lmforge's own format.*")
+        save_pretrained(model, directory, tokenizer=tokenizer)
+
+
+def plot_curves(run_dir: str | os.PathLike, title: str, path: str = "curves.png") -> Path | None:
+    """``run_dir/curves.png``: one panel per logged number (loss, reward, KL, accuracy, ...)."""
+    records = read_metrics(run_dir)
+    keys = []
+    for r in records:
+        for k, v in r.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and k not in keys:
+                keys.append(k)
+    if not keys:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), dpi=110, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        if pts:
+            ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, markersize=3, linewidth=1.2)
+        ax.set_title(key, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(run_dir) / path
+    tmp = out.with_name(f".{path}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def progress_bar(total: int, initial: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The examples of update ``step``: epochs of seeded permutations, read in order, so a resumed
+    run sees exactly the batches the uninterrupted one would have."""
+    out = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        take = perm[offset : offset + batch_size - len(out)]
+        out += take
+        pos += len(take)
+    return out
+
+
+# --- rollouts (PPO, GRPO) ---------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """Sampled completions of a batch of prompts, one row per completion."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]  # generated ids, the eos that ended them included
+    texts: list[str]
+    records: list[dict]  # the prompt records (prompt + fields for reward functions), one per row
+    truncated: list[bool]  # hit max_new_tokens without an end of sequence
+
+
+@torch.no_grad()
+def sample_rollouts(policy, tokenizer, records: list[dict], cfg, n: int = 1) -> Rollout:
+    """``n`` completions per prompt record through the public generation API (``lmforge.inference.complete``),
+    sampled with the config's max_new_tokens / temperature / top_k / top_p from the global RNG."""
+    from lmforge.align.pairs import encode_prompt
+    from lmforge.inference import complete
+
+    budget = min(cfg.max_length, policy.config.max_seq_len) - cfg.max_new_tokens
+    prompts = []
+    for r in records:
+        ids = encode_prompt(tokenizer, r["prompt"], cfg.chat)
+        if len(ids) > budget:
+            raise UserError(f"{r.get('_where', 'a prompt')}: the prompt has {len(ids)} tokens, more than max_length - "
+                            f"max_new_tokens = {budget}; raise max_length or shorten it.")  # fmt: skip
+        prompts.append(ids)
+    was = policy.training
+    policy.eval()
+    done = []
+    per_call = max(1, cfg.micro // n)  # prompts per generate call: about micro_batch_size rows in flight
+    try:
+        for i in range(0, len(prompts), per_call):
+            done += complete(policy, tokenizer, prompts[i : i + per_call], max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, n=n)  # fmt: skip
+    finally:
+        policy.train(was)
+    flat = [c for group in done for c in (group if n > 1 else [group])]
+    rows = [i for i in range(len(records)) for _ in range(n)]
+    return Rollout(
+        prompt_ids=[prompts[i] for i in rows],
+        response_ids=[list(c.token_ids) for c in flat],
+        texts=[c.text for c in flat],
+        records=[records[i] for i in rows],
+        truncated=[c.finish_reason == "length" for c in flat],
+    )

@@ -1,0 +1,105 @@
+"""Tiny checkpoints and data files shared by the reward-model, DPO, PPO and GRPO tests."""
+
+from __future__ import annotations
+
+import functools
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lmforge import ModelConfig, build_model
+from lmforge.checkpoints import save_pretrained
+
+
+@functools.cache
+def smollm2_tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer (chat template included) as tokenizer.json, read from the bundled GGUF once
+    and kept in the repository's git-ignored .cache/ (reading the GGUF takes seconds)."""
+    import os
+    import shutil
+
+    from lmforge.tokenizer import load_tokenizer
+
+    d = Path(__file__).resolve().parents[2] / ".cache" / "smollm2-tokenizer"
+    if not (d / "tokenizer_config.json").is_file():
+        d.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-tokenizer-", dir=d.parent))
+        load_tokenizer().save(tmp)
+        shutil.rmtree(d, ignore_errors=True)
+        os.replace(tmp, d)  # whole or absent
+    return d
+
+
+@functools.cache
+def tiny_model_dir(family: str = "llama", seed: int = 0) -> Path:
+    """A 2-layer, 32-wide model of ``family`` with SmolLM2's tokenizer (49152 ids), saved in HF format."""
+    from lmforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(smollm2_tokenizer_dir())
+    preset = {"llama": "smollm2-135m", "gpt2": "gpt2"}[family]
+    kw = dict(n_kv_head=2) if family == "llama" else {}
+    cfg = ModelConfig.from_name(preset, n_layer=2, n_embd=32, n_head=4, d_ff=64, vocab_size=tok.vocab_size,
+                                max_seq_len=160, **kw)  # fmt: skip
+    if family == "gpt2":
+        cfg = cfg.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    d = Path(tempfile.mkdtemp(prefix=f"lmforge-rl-{family}-"))
+    save_pretrained(model, d, tokenizer=tok)
+    return d
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+GOOD = ["lovely", "kind", "bright", "gentle", "sweet", "happy", "fair", "noble"]
+BAD = ["vile", "cruel", "dark", "foul", "bitter", "wretched", "base", "grim"]
+
+
+def word_pairs(n: int, seed: int = 0) -> list[dict]:
+    """A preference task a tiny model learns in a few steps: chosen responses use pleasant words."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        subject = rng.choice(["the night", "my lord", "this day", "the king", "her voice"])
+        rows.append({"prompt": f"Describe {subject}.", "chosen": f"{subject} is {rng.choice(GOOD)}.",
+                     "rejected": f"{subject} is {rng.choice(BAD)}."})  # fmt: skip
+    return rows
+
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz .,"
+
+
+@functools.cache
+def char_model_dir(seed: int = 0) -> Path:
+    """A 2-layer decoder over 29 characters (no end-of-sequence token: every completion runs to
+    max_new_tokens) — small enough that a few RL steps visibly move it."""
+    from lmforge.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text(ALPHABET)
+    cfg = ModelConfig.from_name("smollm2-135m", n_layer=2, n_embd=32, n_head=4, n_kv_head=2, d_ff=64,
+                                vocab_size=tok.vocab_size, max_seq_len=64, bos_token_id=None, eos_token_id=None,
+                                pad_token_id=None)  # fmt: skip
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    d = Path(tempfile.mkdtemp(prefix="lmforge-rl-char-"))
+    save_pretrained(model, d, tokenizer=tok)
+    return d
+
+
+def vowel_share(prompt=None, completion: str = "", **_) -> float:
+    """A reward a tiny character model can learn in a few steps: the share of vowels it writes."""
+    return sum(c in "aeiou" for c in completion) / max(1, len(completion))
+
+
+def char_prompts(n: int) -> list[dict]:
+    import random
+
+    rng = random.Random(0)
+    return [{"prompt": "".join(rng.choice("bcdfg ") for _ in range(4)) + "x"} for _ in range(n)]
