@@ -159,7 +159,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"),
           max_queue=args.max_queue, embedding_model=args.embedding_model, kv_cache_gb=args.kv_cache_gb,
           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_body_bytes=args.max_body_bytes,
-          allowed_origins=args.allowed_origins, served_model_name=args.served_model_name, grammar_file=args.grammar)  # fmt: skip
+          allowed_origins=args.allowed_origins, served_model_name=args.served_model_name, grammar_file=args.grammar,
+          rag_db=args.rag_db)  # fmt: skip
 
 
 def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $LMFORGE_API_KEY, else none)")
     s.add_argument("--max-queue", type=int, default=1024, help="waiting sequences before requests get 429")
+    s.add_argument("--rag-db", default=None, metavar="FILE",
+                   help="a database from `lmforge rag index`: POST /v1/rag/query and the chat page's document toggle")
     s.add_argument("--grammar", default=None, metavar="FILE",
                    help="a Lark grammar every reply must match unless the request brings response_format / guided_*")
     s.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413 (default: 8 MiB)")

@@ -86,3 +86,26 @@ def test_markdown_is_rendered_and_html_is_escaped(server, page):
     assert "<strong>bold</strong>" in html and "<code>code</code>" in html and "<li>a</li><li>b</li>" in html
     assert "&lt;script&gt;" in html and "<script>" not in html
     assert '<pre><code data-lang="py">print(1 &lt; 2)</code></pre>' in html
+
+
+def test_rag_toggle_answers_from_documents(tokenizer, page, tmp_path):
+    """With --rag-db, the page shows the toggle; a message sent with it on lists the retrieved sources."""
+    from lmforge.rag.embed import Embedder
+    from lmforge.rag.index import index_directory
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "ships.md").write_text("# Ships\n\nThe lighthouse keeper painted the harbour boats blue every spring.\n")
+    (docs / "bread.txt").write_text("Sourdough bread needs a starter, flour, water and salt.\n")
+    index_directory(docs, tmp_path / "docs.db", Embedder.load(), progress=False)
+    engine = Engine(tiny_model(), tokenizer, EngineConfig(kv_cache_gb=0.02, block_size=8))
+    with running_server(create_app(engine, "tiny", rag=tmp_path / "docs.db")) as url:
+        page.goto(url + "/")
+        page.wait_for_selector("#rag_row", state="visible")
+        page.check("#rag")
+        page.fill("#max_tokens", "4")
+        page.fill("#prompt", "What colour are the harbour boats?")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelector('.msg[data-role=assistant]')?.dataset.finish", timeout=30_000)
+        sources = page.locator(".msg[data-role=assistant] .sources").inner_text()
+        assert sources.startswith("Sources: [1] ") and "ships.md" in sources.split("[2]")[0]

@@ -37,7 +37,7 @@ def test_every_route_but_health_needs_the_key(server, path):
 
 
 def test_health_and_the_chat_page_are_open(server):
-    assert httpx.get(server + "/health").json() == {"status": "ok"}
+    assert httpx.get(server + "/health").json() == {"status": "ok", "rag": False}
     assert "lmforge chat" in httpx.get(server + "/").text
 
 

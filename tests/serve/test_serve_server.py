@@ -254,7 +254,7 @@ def test_a_failing_request_gets_500_and_the_server_keeps_serving(server, client,
     err = error_of(httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3}, timeout=30), 500)
     assert "simulated failure" in err["message"] and err["type"] == "server_error"
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=3).choices[0].text is not None
-    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    assert httpx.get(url + "/health").json() == {"status": "ok", "rag": False}
 
 
 def test_metrics_in_prometheus_text(server, client):

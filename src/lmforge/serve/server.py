@@ -376,9 +376,11 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_origins: Sequence[str] = (),
     grammar: Grammar | None = None,
+    rag=None,
 ) -> FastAPI:
     """The FastAPI app. ``manage_engine``: start the engine's thread at start-up, stop it at shutdown.
-    ``grammar``: the constraint of every completion whose request brings none (``--grammar``)."""
+    ``grammar``: the constraint of every completion whose request brings none (``--grammar``).
+    ``rag``: a RAG database (path or open ``Retriever``) served at ``POST /v1/rag/query``."""
     state = Server(engine, model_name, embedder, api_key)
     state.grammar = grammar
 
@@ -454,7 +456,7 @@ def create_app(
     async def health():
         if engine is not None and manage_engine and not engine.running_in_thread:
             return JSONResponse({"status": "engine not running"}, status_code=503)
-        return {"status": "ok"}
+        return {"status": "ok", "rag": rag is not None}
 
     @app.get("/", include_in_schema=False)
     async def chat_page():
@@ -570,6 +572,10 @@ def create_app(
         n_tok = sum(len(x) for x in inputs)
         return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}
 
+    if rag is not None:  # retrieval only: the chat page and clients generate through the engine with the context
+        from lmforge.rag.api import rag_router
+
+        app.include_router(rag_router(rag))
     app.include_router(v1)
     return app
 
@@ -848,6 +854,7 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_origins: Sequence[str] = (),
     grammar_file: str | Path | None = None,
+    rag_db: str | Path | None = None,
 ) -> FastAPI:
     """Load the checkpoints and build the app (an encoder given as MODEL is served for embeddings).
     ``served_model_name``: the name clients send as ``model`` (default: the checkpoint's file or
@@ -873,7 +880,8 @@ def build_app(
         except ConstraintError as e:
             raise UserError(f"--grammar {grammar_file}: {e}") from None
     return create_app(generator, name if generator else None, embedder=embedder, api_key=api_key,
-                      max_body_bytes=max_body_bytes, allowed_origins=allowed_origins, grammar=grammar)  # fmt: skip
+                      max_body_bytes=max_body_bytes, allowed_origins=allowed_origins, grammar=grammar,
+                      rag=rag_db)  # fmt: skip
 
 
 def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
