@@ -113,3 +113,15 @@ def test_errors_carry_their_parameter():
     with pytest.raises(SamplingError, match="decoder-only") as e:
         Engine(t5(), None, EngineConfig(num_blocks=40, block_size=16, max_model_len=64)).add_request([5], SamplingParams(), lambda o: None,
                                                                                    prompt_logprobs=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("attention", ["sparse", "linear"])
+def test_the_paged_engine_refuses_what_it_cannot_page(attention):
+    from lmforge.config import ConfigError, ModelConfig
+    from lmforge.engine import Engine
+    from lmforge.models import build_model
+
+    cfg = ModelConfig.from_name("smollm2-135m", n_layer=1, n_embd=32, n_head=4, n_kv_head=2, d_ff=64, vocab_size=100,
+                                max_seq_len=64, attention=attention)  # fmt: skip
+    with pytest.raises(ConfigError, match=f"{attention} attention runs through lmforge.generate"):
+        Engine(build_model(cfg), None)

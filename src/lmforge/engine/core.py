@@ -159,6 +159,9 @@ class Engine:
         if model.config.arch == "encoder":
             raise ConfigError("the engine generates with decoder-only and encoder-decoder models; this one is an "
                               "encoder (serve it with --embedding-model instead).")  # fmt: skip
+        if getattr(model.config, "attention", "softmax") != "softmax":
+            raise ConfigError(f"the serving engine pages softmax attention's keys and values; this model's {model.config.attention} "
+                              "attention runs through lmforge.generate / `lmforge generate` instead.")  # fmt: skip
         self.model, self.tokenizer, self.config = model.eval(), tokenizer, cfg
         self.max_model_len = min(cfg.max_model_len or model.config.max_seq_len, model.config.max_seq_len)
         per_token = ModelRunner.kv_bytes_per_token(model)
