@@ -60,6 +60,11 @@ def _generation_setup(args: argparse.Namespace):
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     draft = load_model(args.draft) if args.draft else None
     compile = args.compile
+    if args.tensor_parallel > 1:  # under torchrun: every rank runs the same steps on its shard
+        from lmforge.parallel.tensor import init_tensor_parallel, tensor_parallel
+
+        model = tensor_parallel(model, init_tensor_parallel(args.tensor_parallel))
+        compile = False  # the sharded (DTensor) step runs eagerly
     if compile == "background" and (draft is not None or model.config.arch != "decoder"):
         compile = False  # only a decoder's sampling loop has a compiled step to take over
     if compile == "background":  # say when the compiled step takes over (once)
@@ -106,20 +111,38 @@ def _note_compile_at_exit(gen) -> None:
         gen._background.wait()
 
 
+def _is_main_rank() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    from lmforge.prompts import build_messages
+
     gen, params = _generation_setup(args)
     prompt = args.prompt
-    if args.chat or args.system:
-        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
-    _print_stream(gen, gen.stream(prompt, **params))
+    if args.chat or args.system or args.few_shot or args.cot:
+        prompt = build_messages(prompt, system=args.system, few_shot=args.few_shot, cot=args.cot)
+    reply = gen.stream(prompt, **params)
+    if _is_main_rank():
+        _print_stream(gen, reply)
+    else:  # tensor parallel: the other ranks take the same steps and print nothing
+        for _ in reply:
+            pass
     _note_compile_at_exit(gen)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.inference import PromptError
 
+    from lmforge.errors import UserError
+    from lmforge.prompts import build_messages, chain_of_thought
+
+    if args.tensor_parallel > 1:
+        raise UserError("chat reads the terminal in one process; use `lmforge generate --tensor-parallel N` under torchrun.")
     gen, params = _generation_setup(args)
-    system = [{"role": "system", "content": args.system}] if args.system else []
+    system = build_messages("", system=args.system, few_shot=args.few_shot)[:-1]  # system prompt and few-shot turns
     history: list[dict] = []
     print("Chat with the model. /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
     while True:
@@ -139,7 +162,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "user", "content": line})
         while True:  # drop the oldest turns while the conversation overflows the context
             try:
-                reply = gen.stream(system + history, **params)  # checks the prompt before any output
+                turns = chain_of_thought(history) if args.cot else history
+                reply = gen.stream(system + turns, **params)  # checks the prompt before any output
                 break
             except PromptError:
                 if len(history) <= 1:
@@ -166,6 +190,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
     s.add_argument("model", nargs="?", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
     s.add_argument("--system", default=None, help="system message (chat template)")
+    s.add_argument("--few-shot", default=None, metavar="FILE",
+                   help="JSONL of {\"input\": ..., \"output\": ...} examples, given as earlier chat turns")
+    s.add_argument("--cot", action="store_true", help="ask for step-by-step reasoning before the answer (chain of thought)")
     s.add_argument("--max-new-tokens", type=int, default=512)
     s.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature:g})")
     s.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -181,6 +208,8 @@ def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_
     s.add_argument("--no-compile", action="store_const", const=False, dest="compile", help="decode eagerly only")
     s.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 linear layers")
     s.add_argument("--draft", default=None, help="draft model for speculative decoding (greedy: --temperature 0)")
+    s.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N processes: torchrun --nproc_per_node N -m lmforge.cli generate ...")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -80,3 +80,28 @@ def test_what_cannot_be_split_says_why():
         check_tensor_parallel(ModelConfig.from_name("smollm2-135m", position="alibi"), 2)
     with pytest.raises(TensorParallelError, match="encoder-decoder"):
         check_tensor_parallel(ModelConfig.from_name("t5-small"), 2)
+
+
+@pytest.mark.slow
+def test_cli_generate_under_torchrun_prints_one_processs_text(tmp_path):
+    """`torchrun --nproc_per_node 2 -m lmforge.cli generate --tensor-parallel 2` prints (once) the greedy text of one process."""
+    import subprocess
+    import sys
+
+    from lmforge.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("smollm2-135m", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, d_ff=96,
+                                              vocab_size=tok.vocab_size, max_seq_len=128))  # fmt: skip
+    model.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
+    args = ["generate", str(tmp_path / "ckpt"), "-p", "Once upon a time", "--max-new-tokens", "12", "--temperature", "0", "--no-compile"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+                          "-m", "lmforge.cli", *args, "--tensor-parallel", "2"], capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert one.stdout.strip() and two.stdout == one.stdout
+    refused = subprocess.run([sys.executable, "-m", "lmforge.cli", *args, "--tensor-parallel", "2"], capture_output=True, text=True,
+                             env=env, timeout=300)  # fmt: skip
+    assert refused.returncode == 2 and "needs 2 processes" in refused.stderr
