@@ -79,6 +79,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     strategy: str = "ddp"  # under torchrun: ddp | fsdp
     context_parallel: int = 1  # under torchrun: N ranks share each sequence (ring attention, lmforge.parallel)
+    init_from: str | None = None  # a model directory whose weights start a new run (e.g. a context extension)
     seed: int = 1337
 
     def __post_init__(self) -> None:

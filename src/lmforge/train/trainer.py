@@ -278,6 +278,8 @@ class Trainer:
                     "resume with the same model settings."
                 )
             ckpt_io.load_model_weights(self.ckpt, raw)
+        elif cfg.init_from:  # fine-tune: weights from there, positions (RoPE tables) from this config
+            ckpt_io.load_model_weights(cfg.init_from, raw)
         raw.to(ctx.device)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(raw)
