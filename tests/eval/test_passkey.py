@@ -121,3 +121,28 @@ def test_cli_writes_reports_and_a_plot(tmp_path, capsys):
     assert "passkey 128: 0%, 160: 0%" in capsys.readouterr().out
     assert main(["eval-passkey", str(tmp_path / "m"), "--filler", str(tmp_path / "filler.txt"), "--lengths", "1k"]) == 2
     assert "is not a comma-separated list of whole numbers" in capsys.readouterr().err
+
+
+def test_extension_recipe_starts_from_the_base_model(tmp_path):
+    """The two recipes chain: the 1024 fine-tune loads the 256 run's weights and tokenizer, with PI positions."""
+    from lmforge.checkpoints import load_model
+    from lmforge.train import load_recipe, pretrain
+    from lmforge.train.distributed import init_distributed
+    from lmforge.train.trainer import Trainer
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    small = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--d_ff=64", "--batch_size=2", "--max_iters=2", "--warmup_iters=1",
+             "--eval_interval=0", "--eval_iters=1", "--progress=false", "--tensorboard=false"]  # fmt: skip
+    (tmp_path / "f.txt").write_text(FILLER * 20)
+    base = load_recipe(configs / "rope-passkey-256-cpu.yaml", small)
+    write_passkey_corpus(tmp_path / "f.txt", tmp_path / "c256.txt", length=256, samples=40)
+    pretrain(base.train, base.model, tmp_path / "c256.txt", tmp_path / "base")
+    ext = load_recipe(configs / "rope-passkey-extend-1024-cpu.yaml",
+                      [*small, f"--init_from={tmp_path / 'base'}", f"--tokenizer={tmp_path / 'base'}"])  # fmt: skip
+    write_passkey_corpus(tmp_path / "f.txt", tmp_path / "c1024.txt", length=1024, samples=12)
+    trainer = Trainer(ext.train, ext.model, tmp_path / "c1024.txt", tmp_path / "ext", init_distributed("cpu", "ddp"))
+    assert trainer.model_config.max_seq_len == 1024 and trainer.model_config.rope_scaling == {"type": "linear", "factor": 4.0}
+    assert trainer.block_size == 1024
+    source = load_model(tmp_path / "base").state_dict()
+    for name, tensor in trainer.raw.state_dict().items():
+        torch.testing.assert_close(tensor, source[name], msg=name)
