@@ -1,5 +1,6 @@
-"""Parallelism over the sequence: ring attention (``ring``) and its use by the trainer
-(``context``: ``--context-parallel N`` under torchrun)."""
+"""Parallelism across processes (torch.distributed, launched with torchrun): ring attention over a
+sequence split between ranks (``ring``), its use by the trainer (``context``: ``--context-parallel N``),
+and, in other modules of this package, other ways of splitting a model."""
 
 from lmforge.parallel.ring import (
     ContextParallelError,
