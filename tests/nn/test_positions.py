@@ -41,6 +41,12 @@ HF_CASES = {
     "linear": ({"rope_type": "linear", "factor": 4.0}, {"type": "linear", "factor": 4.0}),
     "yarn": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512},
              {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}),
+    "yarn-mscale": ({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256, "mscale": 1.0,
+                     "mscale_all_dim": 0.707, "beta_fast": 16, "beta_slow": 2},
+                    {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256, "mscale": 1.0,
+                     "mscale_all_dim": 0.707, "beta_fast": 16, "beta_slow": 2}),
+    "yarn-untruncated": ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "truncate": False},
+                         {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256, "truncate": False}),
     "llama3": ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192},
                {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -98,3 +104,19 @@ def test_alibi_slopes():
 def test_unknown_scaling_is_a_clear_error():
     with pytest.raises(ConfigError, match="not supported"):
         ModelConfig(position="rope", rope_scaling={"type": "longrope", "factor": 2.0})
+
+
+def test_ntk_matches_transformers_dynamic_ntk_where_they_coincide():
+    """HF's dynamic NTK rescales the base by (factor * T / T0 - (factor - 1))^(d/(d-2)); at T = T0 (2f-1)/f
+    that is factor^(d/(d-2)), the static NTK-aware base used here."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    factor, t0 = 4.0, 2048
+    hf_cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=t0,
+                                      rope_parameters={"rope_theta": 10000.0, "rope_type": "dynamic", "factor": factor})
+    inv_hf, _ = ROPE_INIT_FUNCTIONS["dynamic"](hf_cfg, "cpu", seq_len=int(t0 * (2 * factor - 1) / factor))
+    cfg = ModelConfig(position="rope", n_embd=256, n_head=4, max_seq_len=t0, rope_scaling={"type": "ntk", "factor": factor})
+    inv, attention_factor = rope_frequencies(cfg)
+    torch.testing.assert_close(inv, inv_hf.float(), atol=1e-7, rtol=1e-5)
+    assert attention_factor == 1.0

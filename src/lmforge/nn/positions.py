@@ -52,14 +52,23 @@ def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         def correction_dim(n_rot: float) -> float:  # the dim whose wavelength spans n_rot turns of the context
             return dim * math.log(original / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
 
-        low = max(math.floor(correction_dim(beta_fast)), 0)
-        high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if s.get("truncate", True):  # whole dims (the paper); gpt-oss keeps the fractional range
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
         ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
         extrapolate = 1.0 - ramp  # 1: keep the frequency, 0: interpolate it
         inv_freq = (inv_freq / factor) * (1 - extrapolate) + inv_freq * extrapolate
-        attention_factor = s.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+        def mscale(m: float = 1.0) -> float:  # the paper's sqrt(1/t) = 0.1 ln(s) + 1
+            return 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+        attention_factor = s.get("attention_factor")
+        if attention_factor is None:  # DeepSeek's mscale / mscale_all_dim give a ratio of two such factors
+            m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+            attention_factor = mscale(m) / mscale(m_all) if m and m_all else mscale()
     elif kind == "llama3":
         original = s["original_max_position_embeddings"]
         low_ff, high_ff = float(s.get("low_freq_factor", 1.0)), float(s.get("high_freq_factor", 4.0))

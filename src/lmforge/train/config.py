@@ -78,6 +78,8 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     strategy: str = "ddp"  # under torchrun: ddp | fsdp
+    context_parallel: int = 1  # under torchrun: N ranks share each sequence (ring attention, lmforge.parallel)
+    init_from: str | None = None  # a model directory whose weights start a new run (e.g. a context extension)
     seed: int = 1337
 
     def __post_init__(self) -> None:
@@ -93,7 +95,7 @@ class TrainConfig:
         one_of("dtype", DTYPES)
         one_of("strategy", STRATEGIES)
         one_of("device", DEVICES)
-        for name in ("batch_size", "gradient_accumulation_steps", "log_interval", "keep_last"):
+        for name in ("batch_size", "gradient_accumulation_steps", "log_interval", "keep_last", "context_parallel"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("max_iters", "eval_interval", "eval_iters", "warmup_iters"):

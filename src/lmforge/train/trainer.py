@@ -242,12 +242,15 @@ class Trainer:
         )  # fmt: skip
         if self.objective.decoder_length and self.objective.decoder_length > self.model_config.max_seq_len:
             raise ConfigError(f"span corruption targets have {self.objective.decoder_length} tokens, above max_seq_len={self.model_config.max_seq_len}.")
-        if cfg.gradient_accumulation_steps % ctx.world_size:
+        from lmforge.parallel.context import ContextParallel  # context_parallel=N: N ranks share each sequence
+
+        self.cp = ContextParallel.setup(cfg.context_parallel, ctx, self.model_config, self.block_size, cfg.objective, ctx.strategy)
+        if cfg.gradient_accumulation_steps % self.cp.dp_size:
             raise ConfigError(
                 f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple of the "
-                f"{ctx.world_size} processes (it counts micro-batches over all of them, as in nanoGPT)."
+                f"{self.cp.dp_size} data-parallel processes (it counts micro-batches over all of them, as in nanoGPT)."
             )
-        self.micro_steps = cfg.gradient_accumulation_steps // ctx.world_size
+        self.micro_steps = cfg.gradient_accumulation_steps // self.cp.dp_size
         self.tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * self.block_size
 
         # loaders: batch i of each is a function of (seed, i) only
@@ -279,9 +282,12 @@ class Trainer:
                     "resume with the same model settings."
                 )
             ckpt_io.load_model_weights(self.ckpt, raw)
+        elif cfg.init_from:  # fine-tune: weights from there, positions (RoPE tables) from this config
+            ckpt_io.load_model_weights(cfg.init_from, raw)
         raw.to(ctx.device)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(raw)
+        self.cp.attach(raw)
         if cfg.compile:
             raw.compile()
         self.raw = raw
@@ -337,10 +343,10 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         loss_sum = torch.zeros((), device=ctx.device)
         for m in range(self.micro_steps):
-            k = m * ctx.world_size + ctx.rank
+            k = m * self.cp.dp_size + self.cp.dp_rank
             batch = self.train_batch(self.step * cfg.gradient_accumulation_steps + k)
             with gradient_sync(self.model, ctx, sync=m == self.micro_steps - 1), self.autocast():
-                loss = compute_loss(self.model, batch) / self.micro_steps
+                loss = self.cp.loss(self.model, batch, training=True) / self.micro_steps
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         if cfg.grad_clip > 0:
@@ -360,14 +366,14 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         model = self.eval_model
         model.eval()
-        per_process = -(-cfg.eval_iters // ctx.world_size)  # equal counts: FSDP forwards are collective
+        per_process = -(-cfg.eval_iters // self.cp.dp_size)  # equal counts: FSDP forwards are collective
         out = {}
         for split in ("train", "val"):
             total = torch.zeros((), device=ctx.device, dtype=torch.float64)
             for i in range(per_process):
-                j = i * ctx.world_size + ctx.rank
+                j = i * self.cp.dp_size + self.cp.dp_rank
                 with self.autocast():
-                    loss = compute_loss(model, self.eval_batch(split, min(j, cfg.eval_iters - 1)))
+                    loss = self.cp.loss(model, self.eval_batch(split, min(j, cfg.eval_iters - 1)), training=False)
                 if j < cfg.eval_iters:
                     total += loss.double()
             out[split] = (ctx.all_reduce_sum(total) / cfg.eval_iters).item()
