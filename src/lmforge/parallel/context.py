@@ -43,7 +43,7 @@ class ContextParallel:
                 f"context_parallel={size} needs a multiple of {size} processes but {ctx.world_size} were started; "
                 f"launch with torchrun --nproc_per_node {size} (or a multiple)."
             )
-        if objective != "causal" or not model_config.is_decoder:
+        if objective != "causal" or model_config.arch != "decoder":
             raise ConfigError(f"context_parallel works with the causal objective on a decoder, not objective={objective}; set context_parallel=1.")
         if model_config.position in ("alibi", "t5") or model_config.sliding_window or model_config.attn_dropout:
             raise ConfigError(
