@@ -16,6 +16,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     for key, value in describe(args.model).items():
         print(f"{key:>16}: {value}")
+    if args.dtype or args.quantize:  # how load_model would hold it
+        from lmforge.checkpoints import load_model
+        from lmforge.inference.quantize import describe_linears
+
+        print(f"{'loaded as':>16}: {describe_linears(load_model(args.model, **_load_options(args)))}")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -56,9 +61,9 @@ def _generation_setup(args: argparse.Namespace):
     from lmforge.inference import Generator
     from lmforge.tokenizer import load_tokenizer
 
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    model, tokenizer = load_model(args.model, **_load_options(args)), load_tokenizer(args.model)
     draft = load_model(args.draft) if args.draft else None
-    gen = Generator(model, tokenizer, compile=args.compile, quantize=args.quantize, draft_model=draft)
+    gen = Generator(model, tokenizer, compile=args.compile, draft_model=draft)
     params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop))
     return gen, params
@@ -138,7 +143,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LMFORGE_API_KEY"),
           max_queue=args.max_queue, embedding_model=args.embedding_model, kv_cache_gb=args.kv_cache_gb,
-          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)  # fmt: skip
+          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, **_load_options(args))  # fmt: skip
+
+
+def _add_load_options(s: argparse.ArgumentParser) -> None:
+    """--dtype / --quantize: how ``load_model`` holds the weights (info, generate, chat, serve)."""
+    s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=None, help="float weights and activations (default: auto = fp32)")
+    s.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default=None,
+                   help="auto (default): a GGUF's Q4_0/Q4_1/Q8_0 weights run in int4/int8 kernels as stored; none: dequantize "
+                        "to float; int8/int4: weight-only, quantized on load (see docs/quantization.md)")  # fmt: skip
+
+
+def _load_options(args: argparse.Namespace) -> dict:
+    return {"dtype": args.dtype or "auto", "quantize": args.quantize or "auto"}
 
 
 def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
@@ -153,7 +170,7 @@ def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--compile", action="store_true", help="compile the decode step (slow first reply, faster after)")
-    s.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 linear layers")
+    _add_load_options(s)
     s.add_argument("--draft", default=None, help="draft model for speculative decoding (greedy: --temperature 0)")
 
 
@@ -163,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="describe a checkpoint: family, parameters, dims, context, tokenizer")
     s.add_argument("model", nargs="?", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    _add_load_options(s)
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools: train a byte-level BPE")
@@ -227,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache")
     s.add_argument("--max-model-len", type=int, default=None, help="context per sequence (default: the model's)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together in one batch")
+    _add_load_options(s)
     s.set_defaults(func=cmd_serve)
 
     # Other verbs register here (one add_parser block each).

@@ -733,14 +733,15 @@ def build_app(
     kv_cache_gb: float = 1.0,
     max_model_len: int | None = None,
     max_num_seqs: int = 64,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = "auto",
+    quantize: str = "auto",
 ) -> FastAPI:
     """Load the checkpoints and build the app (an encoder given as MODEL is served for embeddings)."""
     from lmforge.checkpoints import load_model, resolve
     from lmforge.tokenizer import load_tokenizer
 
     generator = embedder = None
-    m = load_model(model, dtype=dtype)
+    m = load_model(model, dtype=dtype, quantize=quantize)
     if m.config.arch == "encoder" and embedding_model is None:
         embedder = Embedder(m, load_tokenizer(resolve(model)), model_id(model))
     else:
