@@ -58,7 +58,8 @@ def main() -> None:
     common = dict(model=path.name, tokens=len(ids), context=args.context, stride=args.stride, threads=args.threads)
     for way in args.only:
         ppl, secs = score(**WAYS[way])
-        print(json.dumps(dict(bench="quantized_perplexity", ours=f"{way} (load_model(path{''.join(f', {k}={v!r}' for k, v in WAYS[way].items())}))", ours_ppl=round(ppl, 4),
+        call = "load_model(path" + "".join(f", {k}={v!r}" for k, v in WAYS[way].items()) + ")"
+        print(json.dumps(dict(bench="quantized_perplexity", ours=f"{way}: {call}", ours_ppl=round(ppl, 4),
                               theirs="dequantized fp32 (quantize='none')", theirs_ppl=round(ref, 4),
                               ratio=round(ppl / ref, 5), target="within 1%", ours_s=round(secs, 1), theirs_s=round(ref_s, 1),
                               load_avg_1m=round(os.getloadavg()[0], 2), **common)), flush=True)  # fmt: skip

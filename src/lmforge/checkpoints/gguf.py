@@ -203,7 +203,8 @@ def read_gguf(path: Path, keep_quantized: bool = False) -> tuple[ModelConfig, di
     for i in range(cfg.n_layer):
         b, o = f"blk.{i}.", f"stack.layers.{i}."
         sd[o + "attn_norm.weight"] = take(b + "attn_norm.weight")
-        sd[o + "attn.qkv.weight"] = take(b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight", unpermute_heads=qk_heads, blocks=True)
+        qkv = (b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight")
+        sd[o + "attn.qkv.weight"] = take(*qkv, unpermute_heads=qk_heads, blocks=True)
         if cfg.qkv_bias:
             sd[o + "attn.qkv.bias"] = take(b + "attn_q.bias", b + "attn_k.bias", b + "attn_v.bias", unpermute_heads=qk_heads)
         sd[o + "attn.o.weight"] = take(b + "attn_output.weight", blocks=True)

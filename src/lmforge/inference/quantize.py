@@ -176,7 +176,8 @@ def describe_linears(model: nn.Module) -> str:
     """What the linear layers run as, e.g. "int4 x210, int8 x1 (bfloat16 activations), rest float32"."""
     from collections import Counter
 
-    kinds = Counter({Int4Linear: "int4", Int8Linear: "int8"}.get(type(m), "float") for m in model.modules() if isinstance(m, (nn.Linear, QuantizedLinear)))
+    names = {Int4Linear: "int4", Int8Linear: "int8"}
+    kinds = Counter(names.get(type(m), "float") for m in model.modules() if isinstance(m, (nn.Linear, QuantizedLinear)))
     parts = [f"{k} x{n}" for k, n in kinds.most_common()]
     return f"linear layers {', '.join(parts)}; other weights {str(model.dtype).removeprefix('torch.')}"
 
@@ -234,7 +235,9 @@ def quantize_model(model: nn.Module, scheme: str = "int8") -> nn.Module:
     if scheme not in SCHEMES:
         raise QuantizeError(f"quantize={scheme!r} is not supported; choose one of {', '.join(SCHEMES)}.")
     if model.dtype != torch.float32:
-        raise QuantizeError(f"{scheme} quantisation starts from an fp32 model; this one is {model.dtype}: load it with dtype=torch.float32.")
+        raise QuantizeError(
+            f"{scheme} quantisation starts from an fp32 model; this one is {model.dtype}: load it with dtype=torch.float32."
+        )
     q = copy.deepcopy(model)
     q.config = model.config
     return quantize_linears(q, scheme).eval()
