@@ -184,7 +184,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QUANTIZE = ("auto", "none", "int8", "int4")
 
 
-def load_options(dtype: str | torch.dtype, quantize: str | None, device) -> tuple[torch.dtype, str]:
+def check_load_options(dtype: str | torch.dtype, quantize: str | None, device) -> tuple[torch.dtype, str]:
     """(torch dtype, quantize choice) for ``load_model``, checked."""
     if isinstance(dtype, str):
         if dtype not in ("auto", *DTYPES):
@@ -215,7 +215,7 @@ def load_model(path: str | Path | None = None, *, dtype: str | torch.dtype = "au
     from lmforge.inference.quantize import quantize_linears
 
     p = resolve(path)
-    dtype, quantize = load_options(dtype, quantize, device)
+    dtype, quantize = check_load_options(dtype, quantize, device)
     blocks: dict[str, Any] = {}
     if is_gguf(p):
         from lmforge.checkpoints.gguf import Blocks, read_gguf
