@@ -45,7 +45,14 @@ test: install-test
 test-fast: install-test
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: install-test
+# The `bench` extra: llama-cpp-python (benchmarks/decode_llamacpp.py's reference), built from source for
+# this CPU (~6 min on 2 cores). If it does not build, that benchmark skips its llama.cpp lines.
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(BIN)/pip install -q --no-binary llama-cpp-python -e ".[serve,test,bench]" \
+		|| echo "llama-cpp-python did not build: benchmarks/decode_llamacpp.py skips llama.cpp"
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	@for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:

@@ -172,7 +172,7 @@ def main() -> int:
     for name in args.models.split(","):
         torch.manual_seed(0)
         if name == "smollm2":
-            model = load_model()  # bundled SmolLM2-135M-Instruct, fp32
+            model = load_model(quantize="none")  # bundled SmolLM2-135M-Instruct, fp32
         elif name == "gpt2":
             model = build_model(ModelConfig.from_name("gpt2")).eval()  # GPT-2 124M config, random weights
         else:

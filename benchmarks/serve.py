@@ -190,7 +190,7 @@ def main() -> None:
             proc.kill()
 
     log("transformers baseline ...")
-    model, tokenizer = load_model(), load_tokenizer(default_model_path())
+    model, tokenizer = load_model(quantize="none"), load_tokenizer(default_model_path())
     theirs, hf_text = transformers_baseline(model, tokenizer, args.max_tokens, args.hf_requests, args.repeats)
     for s in results:
         results[s]["ratio"] = round(results[s]["tokens_per_s"] / theirs, 2)

@@ -17,6 +17,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 
     for key, value in describe(args.model).items():
         print(f"{key:>16}: {value}")
+    if args.dtype or args.quantize:  # how load_model would hold it
+        from lmforge.checkpoints import load_model
+        from lmforge.inference.quantize import describe_linears
+
+        print(f"{'loaded as':>16}: {describe_linears(load_model(args.model, **_load_options(args)))}")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -57,7 +62,10 @@ def _generation_setup(args: argparse.Namespace):
     from lmforge.inference import Generator
     from lmforge.tokenizer import load_tokenizer
 
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    options = _load_options(args)
+    if args.tensor_parallel > 1 and options["quantize"] == "auto":
+        options["quantize"] = "none"  # the shards are float linear layers (DTensor splits nn.Linear)
+    model, tokenizer = load_model(args.model, **options), load_tokenizer(args.model)
     draft = load_model(args.draft) if args.draft else None
     compile = args.compile
     if args.tensor_parallel > 1:  # under torchrun: every rank runs the same steps on its shard
@@ -75,7 +83,7 @@ def _generation_setup(args: argparse.Namespace):
         engine_log = logging.getLogger("lmforge.engine")
         engine_log.addHandler(handler)
         engine_log.setLevel(logging.INFO)
-    gen = Generator(model, tokenizer, compile=compile, quantize=args.quantize, draft_model=draft)
+    gen = Generator(model, tokenizer, compile=compile, draft_model=draft)
     params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                   min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=tuple(args.stop))
     return gen, params
@@ -184,7 +192,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
           max_queue=args.max_queue, embedding_model=args.embedding_model, kv_cache_gb=args.kv_cache_gb,
           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_body_bytes=args.max_body_bytes,
           allowed_origins=args.allowed_origins, served_model_name=args.served_model_name, grammar_file=args.grammar,
-          rag_db=args.rag_db)  # fmt: skip
+          rag_db=args.rag_db, **_load_options(args))  # fmt: skip
+
+
+def _add_load_options(s: argparse.ArgumentParser) -> None:
+    """--dtype / --quantize: how ``load_model`` holds the weights (info, generate, chat, serve)."""
+    s.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=None, help="float weights and activations (default: auto = fp32)")
+    s.add_argument("--quantize", choices=["auto", "none", "int8", "int4"], default=None,
+                   help="auto (default): a GGUF's Q4_0/Q4_1/Q8_0 weights run in int4/int8 kernels as stored; none: dequantize "
+                        "to float; int8/int4: weight-only, quantized on load (see docs/quantization.md)")  # fmt: skip
+
+
+def _load_options(args: argparse.Namespace) -> dict:
+    return {"dtype": args.dtype or "auto", "quantize": args.quantize or "auto"}
 
 
 def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
@@ -206,7 +226,7 @@ def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_
     s.add_argument("--compile", action="store_const", const=True, dest="compile",
                    help="compile the decode step before the first reply (default: in the background while answering)")
     s.add_argument("--no-compile", action="store_const", const=False, dest="compile", help="decode eagerly only")
-    s.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 linear layers")
+    _add_load_options(s)
     s.add_argument("--draft", default=None, help="draft model for speculative decoding (greedy: --temperature 0)")
     s.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split the model over N processes: torchrun --nproc_per_node N -m lmforge.cli generate ...")
@@ -218,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="describe a checkpoint: family, parameters, dims, context, tokenizer")
     s.add_argument("model", nargs="?", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    _add_load_options(s)
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools: train a byte-level BPE")
@@ -291,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together in one batch")
     s.add_argument("--served-model-name", default=None,
                    help="the name clients pass as 'model' (default: the checkpoint's file or directory name)")
+    _add_load_options(s)
     s.set_defaults(func=cmd_serve)
 
     # Other verbs register here (one add_parser block each).

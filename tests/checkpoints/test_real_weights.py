@@ -43,7 +43,7 @@ def test_minilm_sentence_embeddings_match_sentence_transformers():
 
 @pytest.fixture(scope="module")
 def smollm():
-    return load_model(), load_tokenizer(default_model_path())
+    return load_model(quantize="none"), load_tokenizer(default_model_path())  # dequantized fp32: what transformers runs
 
 
 def test_smollm2_logits_match_transformers_on_the_same_gguf(smollm):

@@ -34,7 +34,7 @@ def smollm():
         path = default_model_path()
     except Exception as e:  # noqa: BLE001 - not installed: skip, as the checkpoint tests do
         pytest.skip(str(e))
-    return load_model(path, dtype=torch.float32), load_tokenizer(path)
+    return load_model(path, dtype=torch.float32, quantize="none"), load_tokenizer(path)
 
 
 @pytest.fixture(scope="session")

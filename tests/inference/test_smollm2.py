@@ -19,7 +19,7 @@ def models():
 
     path = default_model_path()
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    return hf, load_model(path)
+    return hf, load_model(path, quantize="none")  # dequantized fp32, as transformers runs it
 
 
 def test_greedy_64_tokens_identical_to_transformers(models, smol_tokenizer):

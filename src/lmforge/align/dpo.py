@@ -105,7 +105,7 @@ def train_dpo(cfg: DPOConfig, data: str | os.PathLike, out: str | os.PathLike, r
     if cfg.reference is not None:
         from lmforge.checkpoints import load_model
 
-        ref = frozen_copy(load_model(cfg.reference, dtype=policy.dtype))
+        ref = frozen_copy(load_model(cfg.reference, dtype=policy.dtype, quantize="none"))
     else:
         ref = frozen_copy(policy)
     freeze_lower_layers(policy, cfg.train_layers)

@@ -116,7 +116,7 @@ def load_policy(cfg: AlignConfig):
     from lmforge.tokenizer import load_tokenizer
 
     dtype = getattr(torch, cfg.dtype)
-    model = load_model(cfg.model, dtype=dtype)
+    model = load_model(cfg.model, dtype=dtype, quantize="none")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     model.train()
     return model, tokenizer

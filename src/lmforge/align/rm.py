@@ -168,7 +168,7 @@ def load_reward_model(path: str | os.PathLike, dtype: torch.dtype = torch.float3
     if pad is None:
         raise CheckpointError(f"{p}/config.json has no pad_token_id; a reward model needs it to find each sequence's last token.")
     if family == "bert":
-        return RewardModel(load_model(p, dtype=dtype), pad)
+        return RewardModel(load_model(p, dtype=dtype, quantize="none"), pad)
     cfg = FAMILIES[family].config(hf)
     raw = read_state(p)
     score = raw.pop("score.weight", None)

@@ -195,15 +195,51 @@ def load_into(model: TransformerModel, state: dict[str, torch.Tensor]) -> None:
             module.init_buffers()
 
 
-def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> TransformerModel:
-    """A model in eval mode from a Hugging Face directory or a GGUF file (default: bundled SmolLM2)."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+QUANTIZE = ("auto", "none", "int8", "int4")
+
+
+def check_load_options(dtype: str | torch.dtype, quantize: str | None, device) -> tuple[torch.dtype, str]:
+    """(torch dtype, quantize choice) for ``load_model``, checked."""
+    if isinstance(dtype, str):
+        if dtype not in ("auto", *DTYPES):
+            raise CheckpointError(f"dtype={dtype!r} is not supported; choose one of auto, {', '.join(DTYPES)}.")
+        dtype = DTYPES.get(dtype, torch.float32)  # auto: the float parts in fp32 (norms, embeddings, attention)
+    quantize = "none" if quantize is None else quantize
+    if quantize not in QUANTIZE:
+        raise CheckpointError(f"quantize={quantize!r} is not supported; choose one of {', '.join(QUANTIZE)}.")
+    if torch.device(device).type != "cpu":
+        if quantize in ("int8", "int4"):
+            raise CheckpointError(f"quantize={quantize!r} runs in PyTorch's CPU kernels; load on device='cpu' or with quantize='none'.")
+        quantize = "none"  # auto: float weights where the int kernels are not
+    return dtype, quantize
+
+
+def load_model(path: str | Path | None = None, *, dtype: str | torch.dtype = "auto", quantize: str = "auto",
+               device: str | torch.device = "cpu") -> TransformerModel:  # fmt: skip
+    """A model in eval mode from a Hugging Face directory or a GGUF file (default: bundled SmolLM2).
+
+    dtype     "auto" (fp32), "fp32", "bf16" or a torch dtype: the float weights and activations
+    quantize  "auto": a GGUF file's Q4_0/Q4_1 linear weights run in the int4 kernel and Q8_0 ones
+              in the int8 kernel as stored (no dequantizing); other weights and other checkpoints
+              stay float. "none": everything dequantized to ``dtype`` (the reference).
+              "int8" / "int4": every linear layer weight-only int8 / int4 (groups of 32), quantized
+              on load where the file does not already hold it so; the output head is int8 always.
+              Quantized layers run on CPU (``lmforge.inference.quantize``).
+    """
+    from lmforge.inference.quantize import quantize_linears
     from lmforge.models import build_model
 
     p = resolve(path)
+    dtype, quantize = check_load_options(dtype, quantize, device)
+    blocks: dict[str, Any] = {}
     if is_gguf(p):
-        from lmforge.checkpoints.gguf import read_gguf
+        from lmforge.checkpoints.gguf import Blocks, read_gguf
 
-        cfg, state, _ = read_gguf(p)
+        cfg, state, _ = read_gguf(p, keep_quantized=quantize in ("auto", "int4"))
+        blocks = {k: v for k, v in state.items() if isinstance(v, Blocks)}
+        # placeholders keep load_into's completeness check; quantize_linears replaces their layers
+        state.update({k: torch.empty(b.shape, device="meta") for k, b in blocks.items()})
         with torch.device("meta"):
             model = build_model(cfg)
     elif p.is_dir():
@@ -215,6 +251,8 @@ def load_model(path: str | Path | None = None, *, dtype: torch.dtype = torch.flo
     else:
         raise CheckpointError(f"{p} is neither a checkpoint directory nor a GGUF file.")
     load_into(model, state)
+    if blocks or quantize in ("int8", "int4"):
+        quantize_linears(model, None if quantize == "auto" else quantize, blocks={k.removesuffix(".weight"): b for k, b in blocks.items()})
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -234,6 +272,10 @@ def save_pretrained(model: TransformerModel, out_dir: str | Path, tokenizer=None
     temporary name and renamed, so a crash never leaves a half-written checkpoint behind."""
     from safetensors.torch import save_file
 
+    from lmforge.inference.quantize import is_quantized
+
+    if is_quantized(model):
+        raise CheckpointError("a model with quantized linear layers cannot be saved: load it with quantize='none' to save it.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config

@@ -1,4 +1,8 @@
-"""GGUF files (llama.cpp / Ollama): LLaMA-family and Qwen2 models, dequantized to float.
+"""GGUF files (llama.cpp / Ollama): LLaMA-family and Qwen2 models.
+
+Weights are dequantized to float, or (``keep_quantized=True``) the linear layers' Q4_0, Q4_1 and
+Q8_0 blocks are kept as ``Blocks`` (integer values with a scale, and a zero, per block of 32) for
+the int4/int8 kernels of ``lmforge.inference.quantize``; other types are always dequantized.
 
 llama.cpp's converter permutes the rows of LLaMA's Q and K projections so that its RoPE kernel
 can rotate adjacent pairs; we undo that to get back the half-split layout used everywhere else.
@@ -6,6 +10,7 @@ can rotate adjacent pairs; we undo that to get back the half-split layout used e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,66 @@ from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "mistral")
+BLOCK = 32  # weights per block in Q4_0, Q4_1 and Q8_0
+BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # kept as blocks by keep_quantized=True
+
+
+@dataclass
+class Blocks:
+    """The rows of a block-quantized matrix, unpacked (a block is 32 consecutive inputs of a row):
+
+        4 bits (Q4_0, Q4_1):  w[n, k] = scale[n, b] * (q[n, k] - 8) + zero[n, b]    q in [0, 15]
+        8 bits (Q8_0):        w[n, k] = scale[n, b] * q[n, k]                        q in [-127, 127]
+
+    with b = k // 32. Q4_1 stores w = d * q + m, i.e. zero = m + 8 d; Q4_0 stores w = d * (q - 8),
+    zero = 0. Scales and zeros are float32 (GGUF stores float16, so they are exact)."""
+
+    bits: int
+    q: torch.Tensor  # (N, K) uint8 (4 bits) or int8 (8 bits)
+    scale: torch.Tensor  # (N, K/32) float32
+    zero: torch.Tensor | None  # (N, K/32) float32, 4 bits only
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (N, K)."""
+        N, K = self.q.shape
+        scale = self.scale.repeat_interleave(BLOCK, dim=1)
+        if self.bits == 8:
+            return self.q.float() * scale
+        return (self.q.float() - 8) * scale + self.zero.repeat_interleave(BLOCK, dim=1)
+
+    def rows(self, index: torch.Tensor) -> Blocks:
+        return Blocks(self.bits, self.q[index], self.scale[index], None if self.zero is None else self.zero[index])
+
+    @staticmethod
+    def cat(parts: list[Blocks]) -> Blocks:
+        """Matrices stacked by rows (fused QKV, gate/up), all of the same bit width."""
+        zeros = [p.zero for p in parts]
+        return Blocks(parts[0].bits, torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                      None if zeros[0] is None else torch.cat(zeros))  # fmt: skip
+
+
+def unpack_blocks(raw: np.ndarray, type_name: str) -> Blocks:
+    """``Blocks`` of a Q4_0 / Q4_1 / Q8_0 tensor's data (rows, bytes per row), as llama.cpp lays
+    them out: per block a float16 scale d (Q4_1: then a float16 minimum m), then the values; 4-bit
+    blocks hold inputs 0-15 in the low nibbles of their 16 bytes and 16-31 in the high ones."""
+    N = raw.shape[0]
+    header = 4 if type_name == "Q4_1" else 2
+    size = header + (BLOCK if type_name == "Q8_0" else BLOCK // 2)
+    blk = np.ascontiguousarray(raw).reshape(N, -1, size)  # (N, K/32, bytes per block)
+    d = torch.from_numpy(blk[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))  # (N, K/32)
+    body = blk[..., header:]
+    if type_name == "Q8_0":
+        q = torch.from_numpy(body.copy().view(np.int8).reshape(N, -1))
+        return Blocks(8, q, d, None)
+    q = torch.from_numpy(np.concatenate([body & 0x0F, body >> 4], axis=-1).reshape(N, -1))  # (N, K) in [0, 15]
+    if type_name == "Q4_1":
+        m = torch.from_numpy(blk[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
+        return Blocks(4, q, d, m + 8 * d)
+    return Blocks(4, q, d, torch.zeros_like(d))
 
 
 def open_gguf(path: Path):
@@ -81,8 +146,12 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, dim).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """(config, state dict in lmforge names, metadata) of a GGUF file, weights as float32."""
+def read_gguf(path: Path, keep_quantized: bool = False) -> tuple[ModelConfig, dict[str, Any], dict[str, Any]]:
+    """(config, state dict in lmforge names, metadata) of a GGUF file, weights as float32.
+
+    ``keep_quantized``: linear weights whose parts are all Q4_0/Q4_1 (or all Q8_0) come as
+    ``Blocks`` instead; a tied output head gets its own entry ``lm_head.weight`` (the token
+    embedding's blocks) beside the float embedding."""
     import gguf
 
     reader = open_gguf(path)
@@ -102,7 +171,20 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[st
 
     used: set[str] = set()
 
-    def take(*names: str, unpermute_heads: tuple[int | None, ...] | None = None) -> torch.Tensor:
+    def bits(name: str) -> int | None:
+        kind = tensors[name].tensor_type.name if name in tensors else None
+        return None if kind not in BLOCK_TYPES else 8 if kind == "Q8_0" else 4
+
+    def take(*names: str, unpermute_heads: tuple[int | None, ...] | None = None, blocks: bool = False):
+        if blocks and keep_quantized and len({bits(n) for n in names}) == 1 and bits(names[0]) is not None:
+            parts = []
+            for j, name in enumerate(names):
+                used.add(name)
+                b = unpack_blocks(tensors[name].data, tensors[name].tensor_type.name)
+                if unpermute_heads and unpermute_heads[j]:
+                    b = b.rows(torch.from_numpy(_unpermute(np.arange(b.shape[0])[:, None], unpermute_heads[j])[:, 0]))
+                parts.append(b)
+            return Blocks.cat(parts)
         parts = []
         for j, name in enumerate(names):
             a = get(name)
@@ -114,20 +196,23 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[st
 
     qk_heads = (cfg.n_head, cfg.n_kv_head, None) if permute else None
     sd = {"embed.tok.weight": take("token_embd.weight"), "stack.norm.weight": take("output_norm.weight")}
-    if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = take("output.weight")
+    if not cfg.tie_embeddings or keep_quantized:
+        head = take("token_embd.weight" if cfg.tie_embeddings else "output.weight", blocks=True)
+        if not cfg.tie_embeddings or isinstance(head, Blocks):
+            sd["lm_head.weight"] = head
     for i in range(cfg.n_layer):
         b, o = f"blk.{i}.", f"stack.layers.{i}."
         sd[o + "attn_norm.weight"] = take(b + "attn_norm.weight")
-        sd[o + "attn.qkv.weight"] = take(b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight", unpermute_heads=qk_heads)
+        qkv = (b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight")
+        sd[o + "attn.qkv.weight"] = take(*qkv, unpermute_heads=qk_heads, blocks=True)
         if cfg.qkv_bias:
             sd[o + "attn.qkv.bias"] = take(b + "attn_q.bias", b + "attn_k.bias", b + "attn_v.bias", unpermute_heads=qk_heads)
-        sd[o + "attn.o.weight"] = take(b + "attn_output.weight")
+        sd[o + "attn.o.weight"] = take(b + "attn_output.weight", blocks=True)
         if cfg.attn_out_bias:
             sd[o + "attn.o.bias"] = take(b + "attn_output.bias")
         sd[o + "mlp_norm.weight"] = take(b + "ffn_norm.weight")
-        sd[o + "mlp.up.weight"] = take(b + "ffn_gate.weight", b + "ffn_up.weight")
-        sd[o + "mlp.down.weight"] = take(b + "ffn_down.weight")
+        sd[o + "mlp.up.weight"] = take(b + "ffn_gate.weight", b + "ffn_up.weight", blocks=True)
+        sd[o + "mlp.down.weight"] = take(b + "ffn_down.weight", blocks=True)
     extra = sorted(set(tensors) - used)
     if extra:
         raise CheckpointError(f"{path} has tensors this loader does not understand: {', '.join(extra[:8])}.")

@@ -38,7 +38,7 @@ class LmforgeLM(LM):
         from lmforge.checkpoints import load_model
         from lmforge.tokenizer import load_tokenizer
 
-        self.model = model if model is not None else load_model(pretrained, dtype=torch.float32)
+        self.model = model if model is not None else load_model(pretrained, dtype=torch.float32, quantize="none")
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(pretrained)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto": our default
         self.max_gen_toks = int(max_gen_toks)

@@ -133,7 +133,7 @@ def file_perplexity(model_path=None, data: str | os.PathLike = "", *, context: i
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text; convert it or pass a .txt file") from None
-    model = load_model(model_path, dtype=torch.float32)
+    model = load_model(model_path, dtype=torch.float32, quantize="none")
     if model.config.arch != "decoder":
         raise UserError(f"perplexity needs a decoder-only model, and {model_path} is {model.config.arch}; pass a causal LM")
     tokenizer = load_tokenizer(model_path)

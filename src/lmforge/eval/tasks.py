@@ -280,7 +280,7 @@ def run_tasks(model_path, tasks: Sequence[str | os.PathLike], *, out: str | os.P
     from lmforge.tokenizer import load_tokenizer
 
     loaded = [load_task(t) for t in tasks]  # a bad file fails before the model loads
-    model = load_model(model_path, dtype=torch.float32)
+    model = load_model(model_path, dtype=torch.float32, quantize="none")
     if model.config.arch != "decoder":
         raise UserError(f"tasks are scored with a decoder-only model, and {model_path} is {model.config.arch}; pass a causal LM")
     results = evaluate_tasks(model, load_tokenizer(model_path), loaded, progress=progress, **kwargs)

@@ -195,7 +195,7 @@ def attention_report(model_path, prompt: str, out_dir: str | os.PathLike) -> dic
     from lmforge.checkpoints import load_model
     from lmforge.tokenizer import load_tokenizer
 
-    model = load_model(model_path, dtype=torch.float32)
+    model = load_model(model_path, dtype=torch.float32, quantize="none")
     maps = attention_maps(model, load_tokenizer(model_path), prompt)
     out = Path(out_dir)
     png, page = save_attention_png(maps, out / "attention.png"), save_attention_html(maps, out / "attention.html", prompt)

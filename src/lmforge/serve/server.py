@@ -849,7 +849,8 @@ def build_app(
     kv_cache_gb: float = 1.0,
     max_model_len: int | None = None,
     max_num_seqs: int = 64,
-    dtype: torch.dtype = torch.float32,
+    dtype: str | torch.dtype = "auto",
+    quantize: str = "auto",
     served_model_name: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_origins: Sequence[str] = (),
@@ -863,7 +864,7 @@ def build_app(
     from lmforge.tokenizer import load_tokenizer
 
     generator = embedder = None
-    m = load_model(model, dtype=dtype)
+    m = load_model(model, dtype=dtype, quantize=quantize)
     name = served_model_name or model_id(model)
     if m.config.arch == "encoder" and embedding_model is None:
         embedder = Embedder(m, load_tokenizer(resolve(model)), name)
