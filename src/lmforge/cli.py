@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     # Other verbs register here (one add_parser block each).
+    __import__("lmforge.align.cli", fromlist=["add_parser"]).add_parser(sub)  # sft, cai, lora merge
     return p
 
 
