@@ -166,3 +166,25 @@ def test_merge_cli(tiny_dir, tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "again").exists()
+
+
+def test_gpt2_conv1d_adapter_loads_in_peft(tmp_path):
+    """GPT-2 keeps c_attn as one fused (in, out) Conv1D: one piece, saved with fan_in_fan_out."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lmforge import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("gpt2", n_layer=2, n_embd=32, n_head=4, vocab_size=64, max_seq_len=32)
+    build_model(cfg).save_pretrained(tmp_path / "gpt2")
+    model = apply_lora(load_model(tmp_path / "gpt2"), ["c_attn", "c_fc"], r=2, alpha=4)
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())["fan_in_fan_out"] is True
+    x = ids(64)
+    ours = merge_lora(model)(x)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(input_ids=x).logits
+    torch.testing.assert_close(theirs, ours.detach(), rtol=0, atol=1e-4)

@@ -103,3 +103,14 @@ def test_bad_input_is_one_sentence_exit_2_nothing_written(work, tmp_path, capsys
 
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_qlora_style_int8_base(work, tmp_path):
+    recipe = load_sft_recipe(sft_recipe(tmp_path, work / "model", quantize_base="int8", lora_targets="all-linear",
+                                        learning_rate=2e-2, max_iters=8, eval_interval=8), FAST)  # fmt: skip
+    sft(recipe, work / "train.jsonl", tmp_path / "run")
+    vals = [r["val_loss"] for r in read_metrics(tmp_path / "run") if "val_loss" in r]
+    assert vals[-1] < vals[0] - 0.1, vals
+    # reloaded onto the int8 base it was trained against, then merged: plain linear layers again
+    model = merge_lora(load_adapter(load_model(work / "model"), tmp_path / "run", quantize_base="int8"))
+    assert all(type(b.attn.qkv) is torch.nn.Linear for b in model.stack.layers)
