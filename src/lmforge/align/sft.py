@@ -216,8 +216,9 @@ class SFTTrainer(Trainer):
     def export_model(self, raw: torch.nn.Module, directory: Path) -> None:
         """LoRA: the adapter in PEFT's format (plus the tokenizer); full: a Hugging Face checkpoint."""
         if lora_layers(raw):
-            base = self.method.model
-            save_adapter(raw, directory, base_model=str(Path(base).resolve()) if base else None)
+            from lmforge.checkpoints import resolve
+
+            save_adapter(raw, directory, base_model=str(resolve(self.method.model).resolve()))
             self.tokenizer.save(directory)
         else:
             super().export_model(raw, directory)
