@@ -155,8 +155,10 @@ class EndpointChat:
     """Chat replies from an OpenAI-compatible endpoint (``lmforge serve``, vLLM, ...)."""
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, http_client=None):
-        from openai import OpenAI
-
+        try:
+            from openai import OpenAI
+        except ImportError:
+            raise ConfigError("critic: URL needs the openai package; pip install 'lmforge[align]' (or openai).") from None
         self.client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "unused",
                              http_client=http_client)  # fmt: skip
         self.model = model or self.client.models.list().data[0].id
