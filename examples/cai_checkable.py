@@ -46,22 +46,24 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--sft-iters", type=int, default=60)
+    p.add_argument("--model", default=None, help="checkpoint (default: the bundled SmolLM2-135M-Instruct)")
     args = p.parse_args()
     out, started = Path(args.out), time.perf_counter()
     prompts = cai_prompts(args.train_prompts + args.eval_prompts, seed=args.seed)
     train, held = prompts[: args.train_prompts], [x["prompt"] for x in prompts[args.train_prompts :]]
     write_jsonl(out / "prompts.jsonl", train)
 
-    tok = load_tokenizer()
-    before = violation_rates(load_model(), tok, held, args.seed, args.max_new_tokens)
+    model_arg = [f"--model={args.model}"] if args.model else []
+    tok = load_tokenizer(args.model)
+    before = violation_rates(load_model(args.model), tok, held, args.seed, args.max_new_tokens)
     print("before:", before)
-    cai = run_cai(load_cai_recipe(REPO / "configs" / "cai-smollm2.yaml", [f"--seed={args.seed}", f"--max_new_tokens={args.max_new_tokens}"]),
+    cai = run_cai(load_cai_recipe(REPO / "configs" / "cai-smollm2.yaml", [f"--seed={args.seed}", f"--max_new_tokens={args.max_new_tokens}", *model_arg]),
                   out / "prompts.jsonl", out / "cai")  # fmt: skip
     recipe = load_sft_recipe(REPO / "configs" / "sft-lora-smollm2.yaml",
                              [f"--max_iters={args.sft_iters}", "--eval_interval=0", "--eval_iters=4", "--val_fraction=0.1",
-                              "--checkpoint_interval=0", "--tensorboard=false", f"--seed={args.seed}"])  # fmt: skip
+                              "--checkpoint_interval=0", "--tensorboard=false", f"--seed={args.seed}", *model_arg])  # fmt: skip
     sft(recipe, out / "cai" / "sft.jsonl", out / "sft")
-    after = violation_rates(merge_lora(load_adapter(load_model(), out / "sft")), tok, held, args.seed, args.max_new_tokens)
+    after = violation_rates(merge_lora(load_adapter(load_model(args.model), out / "sft")), tok, held, args.seed, args.max_new_tokens)
     print("after:", after)
     record = {"task": "cai_checkable", "train_prompts": len(train), "heldout_prompts": len(held), "cai": cai,
               "violation_rate_before": before, "violation_rate_after": after, "sft_iters": args.sft_iters,

@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--train-per-play", type=int, default=300)
     p.add_argument("--eval-per-play", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="checkpoint (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("overrides", nargs="*", help="recipe overrides, --key=value (after --)")
     args = p.parse_args()
     out = Path(args.out)
@@ -39,16 +40,17 @@ def main() -> None:
     write_jsonl(out / "data" / "train.jsonl", train)
     write_jsonl(out / "data" / "heldout.jsonl", held)
 
-    tokenizer = load_tokenizer()
-    base_em, base_replies = exact_match(load_model(), tokenizer, held)
+    tokenizer = load_tokenizer(args.model)
+    base_em, base_replies = exact_match(load_model(args.model), tokenizer, held)
     print(f"base exact match: {base_em:.3f}  (e.g. {base_replies[:3]})")
 
-    recipe = load_sft_recipe(args.recipe, [f"--val_data={out / 'data' / 'heldout.jsonl'}", f"--seed={args.seed}", *args.overrides])
+    recipe = load_sft_recipe(args.recipe, [f"--val_data={out / 'data' / 'heldout.jsonl'}", f"--seed={args.seed}",
+                                           *([f"--model={args.model}"] if args.model else []), *args.overrides])
     t0 = time.perf_counter()
     result = sft(recipe, out / "data" / "train.jsonl", out / "run")
     train_s = time.perf_counter() - t0
 
-    tuned = merge_lora(load_adapter(load_model(), out / "run"))
+    tuned = merge_lora(load_adapter(load_model(args.model), out / "run"))
     sft_em, sft_replies = exact_match(tuned, tokenizer, held)
     print(f"after SFT exact match: {sft_em:.3f}  (e.g. {sft_replies[:3]})")
     record = {
