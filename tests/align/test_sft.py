@@ -114,3 +114,15 @@ def test_qlora_style_int8_base(work, tmp_path):
     # reloaded onto the int8 base it was trained against, then merged: plain linear layers again
     model = merge_lora(load_adapter(load_model(work / "model"), tmp_path / "run", quantize_base="int8"))
     assert all(type(b.attn.qkv) is torch.nn.Linear for b in model.stack.layers)
+
+
+def test_recipe_keys_and_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("finetune: lora\nlora_targets: [q_proj]\nmax_iters: 7\nlearning_rate: 1e-3\n", encoding="utf-8")
+    r = load_sft_recipe(path, ["--lora_targets=q_proj,o_proj", "--lora_r", "4", "--packing=yes", "--batch_size=3"])
+    assert r.method.lora_targets == ["q_proj", "o_proj"] and r.method.lora_r == 4 and r.method.packing is True
+    assert r.train.max_iters == 7 and r.train.batch_size == 3 and r.train.learning_rate == 1e-3
+    from lmforge.config import ConfigError
+
+    with pytest.raises(ConfigError, match="quantize_base=int8 freezes the base weights, so it needs finetune=lora"):
+        load_sft_recipe(path, ["--finetune=full", "--quantize_base=int8"])
