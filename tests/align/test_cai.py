@@ -14,7 +14,7 @@ from lmforge.config import ConfigError
 from sft_helpers import REPO, make_tiny_chat_model, one_thread, write_jsonl  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-CONSTITUTION = REPO / "configs" / "constitution-checkable.yaml"
+CONSTITUTION = REPO / "configs" / "align" / "constitution-checkable.yaml"
 FAST = ["--max_new_tokens=12", "--batch_size=4", "--progress=false"]
 
 
@@ -27,7 +27,7 @@ def work(tmp_path_factory):
 
 
 def recipe(work, *extra):
-    return load_cai_recipe(REPO / "configs" / "cai-smollm2.yaml", [f"--model={work / 'model'}", *FAST, *extra])
+    return load_cai_recipe(REPO / "configs" / "align" / "cai-smollm2.yaml", [f"--model={work / 'model'}", *FAST, *extra])
 
 
 def test_constitution_and_checkers():
@@ -101,7 +101,7 @@ def test_endpoint_critic_and_judge(work, tmp_path):
 def test_cli_bad_prompts_file_exits_2_and_writes_nothing(work, tmp_path, capsys):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "hi"}\n{"question": "no prompt"}\n', encoding="utf-8")
-    code = main(["cai", str(REPO / "configs" / "cai-smollm2.yaml"), "--data", str(bad), "--out", str(tmp_path / "out"),
+    code = main(["cai", str(REPO / "configs" / "align" / "cai-smollm2.yaml"), "--data", str(bad), "--out", str(tmp_path / "out"),
                  f"--model={work / 'model'}"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and re.search(r"p\.jsonl:2: the line has no string 'prompt'", err) and err.count("\n") == 1

@@ -1,7 +1,7 @@
 """Alignment: making a pretrained model useful.
 
     from lmforge.align.sft import load_sft_recipe, sft
-    recipe = load_sft_recipe("configs/sft-lora-smollm2.yaml", ["--max_iters=50"])
+    recipe = load_sft_recipe("configs/align/sft-lora-smollm2.yaml", ["--max_iters=50"])
     sft(recipe, "chats.jsonl", "out/sft")                 # adapter in PEFT's format + loss.png
 
 Recipes (``recipe.py``) are flat YAML mappings of the trainer's keys plus the verb's own; every

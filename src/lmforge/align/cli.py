@@ -28,9 +28,9 @@ def add_parser(sub) -> None:
     s = sub.add_parser(
         "sft", allow_abbrev=False,
         help="supervised fine-tuning on chat JSONL (full or LoRA) from a YAML recipe; --key=value overrides any key",
-        epilog="Run under `torchrun --nproc_per_node N` for DDP. See docs/align-sft.md and configs/sft-*.yaml.",
+        epilog="Run under `torchrun --nproc_per_node N` for DDP. See docs/align-sft.md and configs/align/sft-*.yaml.",
     )  # fmt: skip
-    s.add_argument("config", help="YAML recipe (see configs/sft-*.yaml)")
+    s.add_argument("config", help="YAML recipe (see configs/align/sft-*.yaml)")
     s.add_argument("--data", required=True, help=".jsonl of {\"messages\": [...]} or {\"prompt\", \"response\"} lines (or a folder of them)")
     s.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, loss.png, the adapter or model")
     s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
         "cai", allow_abbrev=False,
         help="Constitutional AI: critique and revise responses (an SFT set), then judge pairs (a preference set)",
     )  # fmt: skip
-    s.add_argument("config", help="YAML recipe (see configs/cai-*.yaml); names the constitution file")
+    s.add_argument("config", help="YAML recipe (see configs/align/cai-*.yaml); names the constitution file")
     s.add_argument("--data", required=True, help="prompts: a .txt file (one per line) or .jsonl with a 'prompt' field")
     s.add_argument("--out", required=True, help="output directory: sft.jsonl, preferences.jsonl, cai_summary.json")
     s.set_defaults(func=cmd_cai, accepts_overrides=True)
