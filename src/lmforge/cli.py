@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     __import__("lmforge.eval.cli", fromlist=["add_parser"]).add_parser(sub)  # eval, scaling, viz
     __import__("lmforge.align.rl_cli", fromlist=["add_parser"]).add_parser(sub)  # rm, dpo, ppo, grpo
     __import__("lmforge.eval.passkey", fromlist=["add_parser"]).add_parser(sub)
+    __import__("lmforge.align.cli", fromlist=["add_parser"]).add_parser(sub)  # sft, cai, lora merge
     return p
 
 

@@ -105,8 +105,10 @@ def save_checkpoint(
     ctx: DistContext,
     tokenizer=None,
     keep_last: int = 2,
+    export=None,
 ) -> Path:
-    """Write checkpoint ``step`` (every process calls this; rank 0 writes the shared files)."""
+    """Write checkpoint ``step`` (every process calls this; rank 0 writes the shared files).
+    ``export(model, directory)`` writes the model files (default: a Hugging Face directory)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -141,9 +143,12 @@ def save_checkpoint(
                 raw = build_model(raw.config)
             raw.load_state_dict(full, assign=True)
             raw.tie_weights()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*saving in lmforge's own format.*")
-            save_pretrained(raw, tmp, tokenizer=tokenizer)
+        if export is not None:
+            export(raw, tmp)
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*saving in lmforge's own format.*")
+                save_pretrained(raw, tmp, tokenizer=tokenizer)
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "world_size": ctx.world_size}, indent=2))
         _fsync_tree(tmp)
         if final.exists():  # a checkpoint of this step from an earlier attempt

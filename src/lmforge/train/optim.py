@@ -25,10 +25,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():  # unique parameters: a tied matrix appears once
         if p.requires_grad:
             (decay if id(p) in decay_ids else no_decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]  # an empty group (LoRA trains no nn.Linear) would not survive a checkpoint
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:

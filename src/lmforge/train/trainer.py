@@ -22,6 +22,7 @@ import os
 import shutil
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,20 +229,7 @@ class Trainer:
             raise UserError(f"{self.out} already holds a run (checkpoint {existing.name}); pass --resume to continue it or choose another --out.")
         self.ckpt = existing if resume else None
 
-        self.data = load_data(data, cfg, self.out, ctx, resume=resume)
-        self.tokenizer = self.data.tokenizer()
-        if self.tokenizer.vocab_size != self.data.vocab_size:
-            raise DataError(f"{self.data.path}: meta.json says {self.data.vocab_size} tokens but its tokenizer has {self.tokenizer.vocab_size}.")
-        self.model_config = resolve_model_config(model, self.tokenizer, cfg)
-        self.block_size = cfg.block_size or self.model_config.max_seq_len
-        self.specials = special_ids(self.tokenizer)
-        self.objective = make_objective(
-            cfg.objective, self.block_size, self.specials, self.model_config.vocab_size,
-            mlm_probability=cfg.mlm_probability, noise_density=cfg.noise_density,
-            mean_noise_span_length=cfg.mean_noise_span_length, decoder_start_id=self.model_config.decoder_start_token_id,
-        )  # fmt: skip
-        if self.objective.decoder_length and self.objective.decoder_length > self.model_config.max_seq_len:
-            raise ConfigError(f"span corruption targets have {self.objective.decoder_length} tokens, above max_seq_len={self.model_config.max_seq_len}.")
+        self.setup_data(data, model, resume=resume)
         from lmforge.parallel.context import ContextParallel  # context_parallel=N: N ranks share each sequence
 
         self.cp = ContextParallel.setup(cfg.context_parallel, ctx, self.model_config, self.block_size, cfg.objective, ctx.strategy)
@@ -251,39 +239,11 @@ class Trainer:
                 f"{self.cp.dp_size} data-parallel processes (it counts micro-batches over all of them, as in nanoGPT)."
             )
         self.micro_steps = cfg.gradient_accumulation_steps // self.cp.dp_size
-        self.tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * self.block_size
-
-        # loaders: batch i of each is a function of (seed, i) only
-        train = self.data.split("train")
-        window = self.objective.window
-        if cfg.loader == "random":
-            self.train_loader = RandomWindows(train, window, cfg.batch_size, cfg.seed)
-        else:
-            self.train_loader = SequentialWindows(train, window, cfg.batch_size, stride=self.block_size)
-        self.eval_loaders = {
-            split: RandomWindows(self.data.split(split), window, cfg.batch_size, cfg.seed, what=split)
-            for split in ("train", "val")
-        }
 
         # model, optimizer, schedule
         torch.manual_seed(cfg.seed)
-        from lmforge.models import build_model
-
-        raw = build_model(self.model_config)
-        self.state: dict[str, Any] = {}
-        if self.ckpt is not None:
-            self.state = ckpt_io.read_state(self.ckpt)
-            saved = self.state.get("model_config", {})
-            diff = sorted(k for k, v in self.model_config.to_dict().items() if saved.get(k, v) != v)
-            if diff:
-                k = diff[0]
-                raise ConfigError(
-                    f"{self.ckpt} was trained with {k}={saved[k]!r} but the config now says {getattr(self.model_config, k)!r}; "
-                    "resume with the same model settings."
-                )
-            ckpt_io.load_model_weights(self.ckpt, raw)
-        elif cfg.init_from:  # fine-tune: weights from there, positions (RoPE tables) from this config
-            ckpt_io.load_model_weights(cfg.init_from, raw)
+        self.state: dict[str, Any] = ckpt_io.read_state(self.ckpt) if self.ckpt is not None else {}
+        raw = self.build_model()
         raw.to(ctx.device)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(raw)
@@ -322,6 +282,91 @@ class Trainer:
                 json.dumps({"train": cfg.to_dict(), "model": self.model_config.to_dict(), "world_size": ctx.world_size}, indent=2)
             )
 
+    # --- what a subclass may replace (lmforge.align's SFT trainer does) --------------------------------
+    name = "pretrain"  # the progress bar's label
+
+    def setup_data(self, data, model, *, resume: bool) -> None:
+        """Set the tokenizer, ``model_config``, ``block_size``, ``tokens_per_step`` and the loaders
+        behind ``train_batch`` / ``eval_batch``: here token shards and a pretraining objective."""
+        cfg, ctx = self.cfg, self.ctx
+        self.data = load_data(data, cfg, self.out, ctx, resume=resume)
+        self.tokenizer = self.data.tokenizer()
+        if self.tokenizer.vocab_size != self.data.vocab_size:
+            raise DataError(f"{self.data.path}: meta.json says {self.data.vocab_size} tokens but its tokenizer has {self.tokenizer.vocab_size}.")
+        self.model_config = resolve_model_config(model, self.tokenizer, cfg)
+        self.block_size = cfg.block_size or self.model_config.max_seq_len
+        self.specials = special_ids(self.tokenizer)
+        self.objective = make_objective(
+            cfg.objective, self.block_size, self.specials, self.model_config.vocab_size,
+            mlm_probability=cfg.mlm_probability, noise_density=cfg.noise_density,
+            mean_noise_span_length=cfg.mean_noise_span_length, decoder_start_id=self.model_config.decoder_start_token_id,
+        )  # fmt: skip
+        if self.objective.decoder_length and self.objective.decoder_length > self.model_config.max_seq_len:
+            raise ConfigError(f"span corruption targets have {self.objective.decoder_length} tokens, above max_seq_len={self.model_config.max_seq_len}.")
+        self.tokens_per_step = cfg.gradient_accumulation_steps * cfg.batch_size * self.block_size
+
+        # loaders: batch i of each is a function of (seed, i) only
+        train = self.data.split("train")
+        window = self.objective.window
+        if cfg.loader == "random":
+            self.train_loader = RandomWindows(train, window, cfg.batch_size, cfg.seed)
+        else:
+            self.train_loader = SequentialWindows(train, window, cfg.batch_size, stride=self.block_size)
+        self.eval_loaders = {
+            split: RandomWindows(self.data.split(split), window, cfg.batch_size, cfg.seed, what=split)
+            for split in ("train", "val")
+        }
+
+
+    def build_model(self) -> torch.nn.Module:
+        """The model to train, on the CPU, with the checkpoint's weights when resuming."""
+        from lmforge.models import build_model
+
+        raw = build_model(self.model_config)
+        if self.ckpt is not None:
+            saved = self.state.get("model_config", {})
+            diff = sorted(k for k, v in self.model_config.to_dict().items() if saved.get(k, v) != v)
+            if diff:
+                k = diff[0]
+                raise ConfigError(
+                    f"{self.ckpt} was trained with {k}={saved[k]!r} but the config now says {getattr(self.model_config, k)!r}; "
+                    "resume with the same model settings."
+                )
+            ckpt_io.load_model_weights(self.ckpt, raw)
+        elif self.cfg.init_from:  # fine-tune: weights from there, positions (RoPE tables) from this config
+            ckpt_io.load_model_weights(self.cfg.init_from, raw)
+        return raw
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of one micro-batch (a scalar tensor)."""
+        return compute_loss(model, batch)
+
+    def micro_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, training: bool) -> torch.Tensor:
+        """``loss``, or under context parallelism this rank's share of it over its zig-zag shard."""
+        if self.cp.size > 1:
+            return self.cp.loss(model, batch, training)
+        return self.loss(model, batch)
+
+    def data_state(self) -> dict:
+        """Where the data stands, saved in trainer_state.json."""
+        return {**self.train_loader.state_dict(self.step * self.cfg.gradient_accumulation_steps),
+                "objective": self.cfg.objective, "data_dir": str(self.data.path)}  # fmt: skip
+
+    def export_model(self, raw: torch.nn.Module, directory: Path) -> None:
+        """Write the model files of a checkpoint into ``directory`` (rank 0): a Hugging Face directory."""
+        from lmforge.checkpoints import save_pretrained
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*saving in lmforge's own format.*")
+            save_pretrained(raw, directory, tokenizer=self.tokenizer)
+
+    def plot_title(self) -> str:
+        return f"{self.out.name}: {self.cfg.objective} ({self.model_config.arch})"
+
+    def describe(self) -> str:
+        """The first words of the start-up line."""
+        return f"{self.model_config.arch} model, {self.raw.num_parameters() / 1e6:.2f}M parameters, objective {self.cfg.objective}"
+
     # --- batches ----------------------------------------------------------------------------------
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dev = self.ctx.device
@@ -346,7 +391,7 @@ class Trainer:
             k = m * self.cp.dp_size + self.cp.dp_rank
             batch = self.train_batch(self.step * cfg.gradient_accumulation_steps + k)
             with gradient_sync(self.model, ctx, sync=m == self.micro_steps - 1), self.autocast():
-                loss = self.cp.loss(self.model, batch, training=True) / self.micro_steps
+                loss = self.micro_loss(self.model, batch, training=True) / self.micro_steps
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         if cfg.grad_clip > 0:
@@ -373,7 +418,7 @@ class Trainer:
             for i in range(per_process):
                 j = i * self.cp.dp_size + self.cp.dp_rank
                 with self.autocast():
-                    loss = self.cp.loss(model, self.eval_batch(split, min(j, cfg.eval_iters - 1)), training=False)
+                    loss = self.micro_loss(model, self.eval_batch(split, min(j, cfg.eval_iters - 1)), training=False)
                 if j < cfg.eval_iters:
                     total += loss.double()
             out[split] = (ctx.all_reduce_sum(total) / cfg.eval_iters).item()
@@ -384,15 +429,14 @@ class Trainer:
         state = {
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "data": {**self.train_loader.state_dict(self.step * self.cfg.gradient_accumulation_steps),
-                     "objective": self.cfg.objective, "data_dir": str(self.data.path)},
+            "data": self.data_state(),
             "model_config": self.model_config.to_dict(),
             "train_config": self.cfg.to_dict(),
             "tokens_seen": self.step * self.tokens_per_step,
         }  # fmt: skip
         return ckpt_io.save_checkpoint(
             self.out, self.step, model=self.model, optimizer=self.optimizer, state=state, ctx=self.ctx,
-            tokenizer=self.tokenizer, keep_last=self.cfg.keep_last,
+            tokenizer=self.tokenizer, keep_last=self.cfg.keep_last, export=self.export_model,
         )  # fmt: skip
 
     # --- the loop -------------------------------------------------------------------------------------
@@ -416,14 +460,13 @@ class Trainer:
         from tqdm.auto import tqdm
 
         if ctx.is_main and cfg.progress:
-            n = self.raw.num_parameters()
             print(
-                f"{self.model_config.arch} model, {n / 1e6:.2f}M parameters, objective {cfg.objective}, "
+                f"{self.describe()}, "
                 f"{self.tokens_per_step:,} tokens/update, {ctx.world_size} process(es)"
                 + (f" ({ctx.strategy})" if ctx.distributed else "") + f", {ctx.device}, {self.dtype_name}"
                 + (f"; resuming from {self.ckpt.name}" if self.ckpt else "")
             )
-        bar = tqdm(total=cfg.max_iters, initial=self.step, desc="pretrain", unit="it", dynamic_ncols=True,
+        bar = tqdm(total=cfg.max_iters, initial=self.step, desc=self.name, unit="it", dynamic_ncols=True,
                    disable=not (ctx.is_main and cfg.progress))  # fmt: skip
         save_every = cfg.save_interval
         if self.step == 0 and cfg.eval_interval and cfg.eval_iters:
@@ -462,7 +505,7 @@ class Trainer:
         metrics = read_metrics(self.out) if ctx.is_main else []
         if ctx.is_main:
             self.log.close()
-            png = plot_loss(self.out, title=f"{self.out.name}: {cfg.objective} ({self.model_config.arch})")
+            png = plot_loss(self.out, title=self.plot_title())
             self._say(f"done in {wall:.1f}s; final val loss {self.last_eval['val_loss']:.4f}" if self.last_eval else f"done in {wall:.1f}s")
             if png is not None:
                 self._say(f"loss curve: {png}; model: {self.out}; metrics: {self.out / 'metrics.jsonl'}")
