@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import yaml
 
 from lmforge.config import ConfigError
-from lmforge.train.config import TRAIN_KEYS, TrainConfig, coerce, parse_overrides, unknown_key
+from lmforge.train.config import TRAIN_KEYS, TrainConfig, coerce, parse_overrides, read_yaml_recipe, unknown_key
 
 M = TypeVar("M")
 
@@ -73,23 +72,6 @@ class AlignRecipe(Generic[M]):
     train: TrainConfig
     method: M
     path: Path | None = None
-
-
-def read_yaml_recipe(path: str | os.PathLike | None) -> dict[str, Any]:
-    """A recipe file's mapping (empty without a file); bad YAML names the line."""
-    if path is None:
-        return {}
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist.")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"recipe {path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}.") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of keys to values.")
-    return raw
 
 
 def load_align_recipe(method_cls: type[M], path: str | os.PathLike | None = None,

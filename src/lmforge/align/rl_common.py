@@ -26,13 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from lmforge.config import ConfigError
 from lmforge.errors import UserError
 from lmforge.train.checkpoint import STATE_FILE, _fsync_dir, _fsync_tree, checkpoint_root, latest_checkpoint, list_checkpoints
-from lmforge.train.config import coerce, parse_overrides, unknown_key
+from lmforge.train.config import coerce, parse_overrides, read_yaml_recipe, unknown_key
 from lmforge.train.metrics import MetricsLog, read_metrics
 from lmforge.train.optim import param_groups
 
@@ -88,17 +87,7 @@ class AlignConfig:
 
 def load_config(cls, path: str | os.PathLike | None = None, overrides: dict | list[str] | None = None):
     """A config of class ``cls`` from a flat YAML recipe plus ``--key=value`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path} does not exist.")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            raise ConfigError(f"recipe {path} is not valid YAML.") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"recipe {path} must be a mapping of keys to values.")
+    raw = read_yaml_recipe(path)
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     values = {**raw, **(overrides or {})}

@@ -265,21 +265,28 @@ def coerce_model(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_yaml_recipe(path: str | os.PathLike | None) -> dict[str, Any]:
+    """A recipe file's mapping (empty without a file); a missing file or bad YAML is one sentence
+    naming the line. Every verb's recipe (pretrain, sft, dpo, ...) is read here."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{where}.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of keys to values.")
+    return raw
+
+
 def load_recipe(path: str | os.PathLike | None = None, overrides: dict[str, Any] | list[str] | None = None) -> Recipe:
     """Read a YAML recipe (or start from defaults when ``path`` is None) and apply overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path} does not exist.")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"recipe {path} is not valid YAML{where}.") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"recipe {path} must be a mapping of keys to values.")
+    raw = read_yaml_recipe(path)
     model = raw.pop("model", None) or {}
     if not isinstance(model, dict):
         raise ConfigError("the recipe's model section must be a mapping (preset: ..., n_layer: ..., ...).")
