@@ -48,7 +48,7 @@ from lmforge.data.objectives import ARCH_OF
 from lmforge.errors import UserError
 from lmforge.train import checkpoint as ckpt_io
 from lmforge.train.config import TrainConfig
-from lmforge.train.distributed import DistContext, block_modules, gradient_sync, init_distributed, unwrap, wrap_model
+from lmforge.train.distributed import DistContext, block_modules, gradient_sync, init_distributed, wrap_model
 from lmforge.train.metrics import MetricsLog, plot_loss, read_metrics
 from lmforge.train.optim import WarmupCosine, build_optimizer
 
