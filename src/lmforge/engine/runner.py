@@ -401,7 +401,8 @@ class CompiledStep:
         if key in self.warm:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return fn(*args)
-        with inductor_config.patch(freezing=fn is self.matrix_fn, cpp_wrapper=True):
+        # autotune_num_choices_displayed=0: max-autotune keeps its kernel timings off the user's terminal
+        with inductor_config.patch(freezing=fn is self.matrix_fn, cpp_wrapper=True, autotune_num_choices_displayed=0):
             logits = fn(*args)
         self.warm.add(key)
         return logits
