@@ -457,13 +457,15 @@ class BackgroundStep:
         self._announced = False
         # not a daemon: a compile cut off at interpreter exit aborts the process; the exit waits for it
         # instead, which also leaves the artifacts in the disk cache for the next start
-        self.thread = threading.Thread(target=self._build, args=(model,), name="lmforge-compile")
+        # the copy is made here, not in the thread: the caller's decoding sets up caches on ``model``
+        # right away, and copying a module while another thread changes it fails
+        # ("dictionary changed size during iteration", seen on a cold start of `make demo`)
+        self.thread = threading.Thread(target=self._build, args=(sharing_copy(model),), name="lmforge-compile")
         self.thread.start()
 
-    def _build(self, model) -> None:
+    def _build(self, shadow) -> None:
         start = time.perf_counter()
         try:
-            shadow = sharing_copy(model)
             runner = DecoderRunner(shadow, [[0]], self.warm_len - 1, step=self.step)
             runner.prefill()
             runner.extend(torch.zeros(1, 1, dtype=torch.long, device=shadow.device))  # compiles (or loads) the graph
