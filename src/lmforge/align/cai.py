@@ -31,7 +31,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
 from lmforge.align.chat_data import ChatDataError, write_jsonl
 from lmforge.align.recipe import AlignRecipe, load_align_recipe
@@ -80,15 +79,11 @@ class Principle:
 
 
 def load_constitution(path: str | os.PathLike) -> list[Principle]:
+    from lmforge.train.config import read_yaml_recipe
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"constitution {path} does not exist.")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise ConfigError(f"constitution {path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}.") from None
-    items = raw.get("principles") if isinstance(raw, dict) else None
+    raw = read_yaml_recipe(path, what="constitution")
+    items = raw.get("principles")
     if not isinstance(items, list) or not items:
         raise ConfigError(f"constitution {path} needs a non-empty 'principles' list.")
     out = []

@@ -265,22 +265,23 @@ def coerce_model(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml_recipe(path: str | os.PathLike | None) -> dict[str, Any]:
-    """A recipe file's mapping (empty without a file); a missing file or bad YAML is one sentence
-    naming the line. Every verb's recipe (pretrain, sft, dpo, ...) is read here."""
+def read_yaml_recipe(path: str | os.PathLike | None, what: str = "recipe") -> dict[str, Any]:
+    """A YAML file's mapping (empty without a file); a missing file or bad YAML is one sentence
+    naming the line. Every verb's recipe (pretrain, sft, dpo, ...) and the CAI constitution are read
+    here; ``what`` names the file in those sentences."""
     if path is None:
         return {}
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist.")
+        raise ConfigError(f"{what} {path} does not exist.")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"recipe {path} is not valid YAML{where}.") from None
+        raise ConfigError(f"{what} {path} is not valid YAML{where}.") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of keys to values.")
+        raise ConfigError(f"{what} {path} must be a mapping of keys to values.")
     return raw
 
 
