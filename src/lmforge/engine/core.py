@@ -311,14 +311,34 @@ class Engine:
             self.num_steps += 1
             try:
                 self._run(decodes, prefills, outputs)
-            except Exception as e:  # a failing batch fails its requests, never the engine
+            except Exception as e:  # a failing batch fails only the sequences that fail on their own
                 self.num_failed_steps += 1
-                log.exception("engine step failed; failing the %d sequences of the batch", len(decodes) + len(prefills))
-                failed = {s.request.id: s.request for s in decodes + [s for s, _ in prefills]}
-                for req in failed.values():
-                    self._finish_request(req, "error", outputs, error=f"{type(e).__name__}: {e}")
+                self._isolate(decodes, prefills, outputs, e)
         self._emit(outputs)
         return bool(decodes or prefills)
+
+    def _isolate(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]], outputs, error: Exception) -> None:
+        """The batched step failed: run each of its sequences alone, so that one request's failure
+        (a bad grammar state, a kernel that rejects its shape, ...) ends that request only. ``_run``
+        commits nothing until its forward and sampling have succeeded, so a retry recomputes the
+        very same step for the sequences that are fine."""
+        units = [([s], []) for s in decodes] + [([], [(s, n)]) for s, n in prefills]
+        if len(units) == 1:
+            seq = (decodes or [prefills[0][0]])[0]
+            log.error("engine step failed for request %s: %s", seq.request.id, error, exc_info=error)
+            self._finish_request(seq.request, "error", outputs, error=f"{type(error).__name__}: {error}")
+            return
+        log.warning("engine step of %d sequences failed (%s: %s); running them one by one", len(units),
+                    type(error).__name__, error)  # fmt: skip
+        for d, p in units:
+            seq = (d or [p[0][0]])[0]
+            if seq.finish_reason is not None:  # a sibling of its request already failed it
+                continue
+            try:
+                self._run(d, p, outputs)
+            except Exception as e:
+                log.error("request %s failed in the engine step: %s", seq.request.id, e, exc_info=e)
+                self._finish_request(seq.request, "error", outputs, error=f"{type(e).__name__}: {e}")
 
     def _intake(self, outputs) -> None:
         with self._cv:
@@ -368,12 +388,14 @@ class Engine:
         )  # (len(rows), V)
         for s, at, first, count in scored:
             self._score_prompt(s, logits[at : at + count], first)
+        picked = self._pick(sampled, logits[sample_at] if len(sample_at) < len(rows) else logits) if sampled else None
+        # nothing above changed what a retry of this step would compute; from here on it is committed
         for s in decodes:
             self.scheduler.computed(s, 1)
         for s, n in prefills:
             self.scheduler.computed(s, n)
-        if sampled:
-            self._sample(sampled, logits[sample_at] if len(sample_at) < len(rows) else logits, outputs)
+        if picked is not None:
+            self._accept(sampled, picked, outputs)
 
     def _score_prompt(self, seq: Sequence, logits, first: int) -> None:
         """Log-probabilities of prompt tokens first.. under the logits of the tokens before them."""
@@ -389,9 +411,23 @@ class Engine:
             alts = list(zip(top_ids[j], top_lps[j])) if k else []
             seq.prompt_lps[first + j] = TokenLogprob(tok, chosen[j], alts)
 
-    def _sample(self, seqs: list[Sequence], logits, outputs) -> None:
-        out = self.sampler(logits, [s.request.params for s in seqs], [s.generator for s in seqs],
-                           [s.out.token_ids for s in seqs], [s.prompt for s in seqs], [s.out.constraint for s in seqs])  # fmt: skip
+    def _pick(self, seqs: list[Sequence], logits):
+        """The next token of each sequence. Seeded random streams are rewound if sampling fails, so a
+        retry draws what this attempt would have drawn."""
+        gens = [s.generator for s in seqs]
+        saved = [g.get_state() if g is not None else None for g in gens]
+        try:
+            return self.sampler(logits, [s.request.params for s in seqs], gens, [s.out.token_ids for s in seqs],
+                                [s.prompt for s in seqs], [s.out.constraint for s in seqs])  # fmt: skip
+        except Exception:
+            for g, state in zip(gens, saved):
+                if g is not None:
+                    g.set_state(state)
+            raise
+
+    def _accept(self, seqs: list[Sequence], out, outputs) -> None:
+        """Record each sequence's token and apply the finish rule; a sequence whose output processing
+        fails (its grammar refuses the token, its detokenizer breaks) fails its own request only."""
         now = time.monotonic()
         self.num_generated_tokens += len(seqs)
         self._recent.append((now, len(seqs)))
@@ -399,9 +435,16 @@ class Engine:
             self._recent.popleft()
         for j, (seq, tok) in enumerate(zip(seqs, out.token_ids)):
             req = seq.request
+            if seq.finish_reason is not None:
+                continue
             lp = [TokenLogprob(tok, out.logprobs[j], out.top[j])] if req.want_logprobs else None
             seq.tokens.append(tok)
-            text = seq.out.accept(tok)  # the finish rule
+            try:
+                text = seq.out.accept(tok)  # the finish rule
+            except Exception as e:
+                log.error("request %s failed on its token %d: %s", req.id, tok, e, exc_info=e)
+                self._finish_request(req, "error", outputs, error=f"{type(e).__name__}: {e}")
+                continue
             reason = seq.out.finish_reason
             output = self._output(seq, text, [tok], lp, reason)
             if seq.prompt_lps is not None and len(seq.out.token_ids) == 1:
