@@ -192,7 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
           max_queue=args.max_queue, embedding_model=args.embedding_model, kv_cache_gb=args.kv_cache_gb,
           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_body_bytes=args.max_body_bytes,
           allowed_origins=args.allowed_origins, served_model_name=args.served_model_name, grammar_file=args.grammar,
-          rag_db=args.rag_db, **_load_options(args))  # fmt: skip
+          rag_db=args.rag_db, tensor_parallel=args.tensor_parallel, **_load_options(args))  # fmt: skip
 
 
 def _add_load_options(s: argparse.ArgumentParser) -> None:
@@ -310,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-gb", type=float, default=1.0, help="memory for the paged KV cache")
     s.add_argument("--max-model-len", type=int, default=None, help="context per sequence (default: the model's)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together in one batch")
+    s.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the model over N processes: torchrun --nproc_per_node N -m lmforge.cli serve ... (rank 0 serves HTTP)")
     s.add_argument("--served-model-name", default=None,
                    help="the name clients pass as 'model' (default: the checkpoint's file or directory name)")
     _add_load_options(s)

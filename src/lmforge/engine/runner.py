@@ -98,13 +98,19 @@ class ModelRunner:
         self.model, self.device = model, model.device
         self.encoder_decoder = cfg.arch == "encoder-decoder"
         n_layer = cfg.n_decoder_layer if self.encoder_decoder else cfg.n_layer
-        self.pool = PagedKVCache(n_layer, cfg.n_kv_head, cfg.head_dim, num_blocks, block_size, model.dtype, model.device)
+        self.pool = PagedKVCache(n_layer, self.local_kv_heads(model), cfg.head_dim, num_blocks, block_size, model.dtype,
+                                 model.device)  # fmt: skip
 
     @staticmethod
-    def kv_bytes_per_token(model) -> int:
+    def local_kv_heads(model) -> int:
+        """K/V heads this process caches: all of them, or its share under tensor parallelism."""
+        return model.config.n_kv_head // getattr(model, "tensor_parallel", 1)
+
+    @classmethod
+    def kv_bytes_per_token(cls, model) -> int:
         cfg = model.config
         n_layer = cfg.n_decoder_layer if cfg.arch == "encoder-decoder" else cfg.n_layer
-        return PagedKVCache.bytes_per_token(n_layer, cfg.n_kv_head, cfg.head_dim, model.dtype)
+        return PagedKVCache.bytes_per_token(n_layer, cls.local_kv_heads(model), cfg.head_dim, model.dtype)
 
     def start_tokens(self, prompt: list[int]) -> list[int]:
         """The tokens the cache holds before the first generated one: the prompt, or for an

@@ -96,3 +96,51 @@ def init_tensor_parallel(degree: int):
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return init_device_mesh(device, (degree,))
+
+
+# --- serving: one engine, every rank in step ------------------------------------------------------
+class LockstepRunner:
+    """The serving engine's model runner under tensor parallelism, on rank 0.
+
+    Only rank 0 runs the engine (scheduler, block manager, sampler, HTTP): before each forward it
+    broadcasts the step's inputs (block tables, positions, tokens, logit rows) and every other rank
+    runs the same forward on its shard (``follow``), so the row-parallel all-reduces meet. The block
+    pools are alike on every rank (same size, same tables), each holding its own heads' K/V."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def execute(self, decodes, prefills, logit_rows, cross=None):
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([(decodes, prefills, logit_rows)], src=0)
+        return self.runner.execute(decodes, prefills, logit_rows, cross)
+
+    def close(self) -> None:
+        """Release the other ranks from ``follow``."""
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([None], src=0)
+
+
+def lockstep(engine) -> None:
+    """Make rank 0's ``engine`` drive the other ranks' runners (see ``LockstepRunner``)."""
+    engine.runner = LockstepRunner(engine.runner)
+
+
+def follow(engine) -> int:
+    """On ranks other than 0: run every forward rank 0's engine runs, until it closes; the number of steps."""
+    import torch.distributed as dist
+
+    steps = 0
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is None:
+            return steps
+        decodes, prefills, rows = message[0]
+        engine.runner.execute(decodes, prefills, rows)
+        steps += 1

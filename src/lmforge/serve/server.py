@@ -856,21 +856,36 @@ def build_app(
     allowed_origins: Sequence[str] = (),
     grammar_file: str | Path | None = None,
     rag_db: str | Path | None = None,
+    tensor_parallel: int = 1,
 ) -> FastAPI:
     """Load the checkpoints and build the app (an encoder given as MODEL is served for embeddings).
     ``served_model_name``: the name clients send as ``model`` (default: the checkpoint's file or
-    directory name)."""
+    directory name). ``tensor_parallel``: split the model over that many ``torchrun`` processes;
+    rank 0's engine drives the others (``serve`` runs them)."""
     from lmforge.checkpoints import load_model, resolve
     from lmforge.tokenizer import load_tokenizer
 
     generator = embedder = None
+    if tensor_parallel > 1 and quantize == "auto":
+        quantize = "none"  # the shards are float linear layers (DTensor splits nn.Linear)
     m = load_model(model, dtype=dtype, quantize=quantize)
+    if tensor_parallel > 1:
+        from lmforge.parallel.tensor import init_tensor_parallel, tensor_parallel as split
+
+        m = split(m, init_tensor_parallel(tensor_parallel))
     name = served_model_name or model_id(model)
     if m.config.arch == "encoder" and embedding_model is None:
         embedder = Embedder(m, load_tokenizer(resolve(model)), name)
     else:
         cfg = EngineConfig(kv_cache_gb=kv_cache_gb, max_queue=max_queue, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
         generator = Engine(m, load_tokenizer(resolve(model)), cfg)
+        if tensor_parallel > 1:
+            import torch.distributed as dist
+
+            from lmforge.parallel.tensor import lockstep
+
+            if dist.get_rank() == 0:
+                lockstep(generator)
         if embedding_model is not None:
             e = load_model(embedding_model, dtype=dtype)
             embedder = Embedder(e, load_tokenizer(resolve(embedding_model)), model_id(embedding_model))
@@ -890,4 +905,21 @@ def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int
     import uvicorn
 
     app = build_app(model, **kwargs)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    if kwargs.get("tensor_parallel", 1) <= 1:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+        return
+    import torch.distributed as dist
+
+    from lmforge.parallel.tensor import follow
+
+    engine = app.state.server.engine
+    try:
+        if dist.get_rank() == 0:  # rank 0 serves HTTP; its engine's steps drive the other ranks
+            try:
+                uvicorn.run(app, host=host, port=port, log_level="info")
+            finally:
+                engine.runner.close()
+        else:
+            follow(engine)
+    finally:
+        dist.destroy_process_group()
