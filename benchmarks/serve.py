@@ -149,6 +149,12 @@ def transformers_baseline(model, tokenizer, max_tokens: int, n_requests: int, re
     return statistics.median(rates), first_text
 
 
+def _common_words(a: str, b: str) -> str:
+    wa, wb = a.split(), b.split()
+    n = next((i for i, (x, y) in enumerate(zip(wa, wb)) if x != y), min(len(wa), len(wb)))
+    return f"{n}/{max(len(wa), len(wb))}"
+
+
 # --- main ----------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -213,7 +219,9 @@ def main() -> None:
         "ratio": results[key]["ratio"],
         "target_ratio": 8.0,
         "by_streams": {str(s): v for s, v in results.items()},
-        "same_greedy_text_as_transformers": greedy_text == hf_text,
+        # the int4 path follows fp32 until a near-tie rounds the other way (parity of the fp32 path
+        # is a test: tests/serve/test_serve_smollm2.py); this says how far they agree here
+        "same_greedy_words_as_transformers": _common_words(greedy_text, hf_text),
         **common,
     }))
     if 1 in results:
