@@ -220,7 +220,8 @@ def main() -> None:
         "target_ratio": 8.0,
         "by_streams": {str(s): v for s, v in results.items()},
         # the int4 path follows fp32 until a near-tie rounds the other way (parity of the fp32 path
-        # is a test: tests/serve/test_serve_smollm2.py); this says how far they agree here
+        # is tested: tests/inference/test_smollm2.py vs transformers, tests/serve/test_serve_smollm2.py
+        # server vs generate); this says how far they agree here
         "same_greedy_words_as_transformers": _common_words(greedy_text, hf_text),
         **common,
     }))
