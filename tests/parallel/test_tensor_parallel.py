@@ -82,19 +82,24 @@ def test_what_cannot_be_split_says_why():
         check_tensor_parallel(ModelConfig.from_name("t5-small"), 2)
 
 
-@pytest.mark.slow
-def test_cli_generate_under_torchrun_prints_one_processs_text(tmp_path):
-    """`torchrun --nproc_per_node 2 -m lmforge.cli generate --tensor-parallel 2` prints (once) the greedy text of one process."""
-    import subprocess
-    import sys
-
+def tiny_checkpoint(path):
+    """A tiny random LLaMA-style checkpoint with SmolLM2's tokenizer, for the CLI under torchrun."""
     from lmforge.tokenizer import load_tokenizer
 
     tok = load_tokenizer()
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_name("smollm2-135m", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, d_ff=96,
                                               vocab_size=tok.vocab_size, max_seq_len=128))  # fmt: skip
-    model.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
+    model.save_pretrained(path, tokenizer=tok)
+
+
+@pytest.mark.slow
+def test_cli_generate_under_torchrun_prints_one_processs_text(tmp_path):
+    """`torchrun --nproc_per_node 2 -m lmforge.cli generate --tensor-parallel 2` prints (once) the greedy text of one process."""
+    import subprocess
+    import sys
+
+    tiny_checkpoint(tmp_path / "ckpt")
     args = ["generate", str(tmp_path / "ckpt"), "-p", "Once upon a time", "--max-new-tokens", "12", "--temperature", "0", "--no-compile"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True, env=env, timeout=300)
@@ -156,13 +161,7 @@ def test_cli_serve_under_torchrun_answers_with_one_processs_text(tmp_path):
 
     import httpx
 
-    from lmforge.tokenizer import load_tokenizer
-
-    tok = load_tokenizer()
-    torch.manual_seed(0)
-    model = build_model(ModelConfig.from_name("smollm2-135m", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, d_ff=96,
-                                              vocab_size=tok.vocab_size, max_seq_len=128))  # fmt: skip
-    model.save_pretrained(tmp_path / "ckpt", tokenizer=tok)
+    tiny_checkpoint(tmp_path / "ckpt")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     body = {"model": "ckpt", "prompt": "Once upon a time", "max_tokens": 12, "temperature": 0}
 
