@@ -94,15 +94,18 @@ def compile_grammar(*, json_schema: dict | str | None = None, regex: str | None 
 @functools.lru_cache(maxsize=256)
 def _compile(kind: str, source: str) -> Grammar:
     LLMatcher = _llguidance().LLMatcher
-    if kind in ("json_schema", "json_object"):
-        serialized = LLMatcher.grammar_from_json_schema(source, overrides=_JSON_OPTIONS)
-    elif kind == "regex":
-        serialized = LLMatcher.grammar_from_regex(source)
-    else:
-        serialized = LLMatcher.grammar_from_lark(source)
+    what = {"json_schema": "JSON schema", "json_object": "JSON schema", "regex": "regex", "lark": "grammar"}[kind]
+    try:
+        if kind in ("json_schema", "json_object"):
+            serialized = LLMatcher.grammar_from_json_schema(source, overrides=_JSON_OPTIONS)
+        elif kind == "regex":
+            serialized = LLMatcher.grammar_from_regex(source)
+        else:
+            serialized = LLMatcher.grammar_from_lark(source)
+    except ValueError as e:  # what llguidance cannot even read, e.g. a schema nested past its recursion limit
+        raise ConstraintError(f"invalid {what}: {_first_line(str(e))}") from None
     is_error, messages = LLMatcher.validate_grammar_with_warnings(serialized)
     if is_error:
-        what = {"json_schema": "JSON schema", "json_object": "JSON schema", "regex": "regex", "lark": "grammar"}[kind]
         raise ConstraintError(f"invalid {what}: {_first_line(messages[0])}")
     return Grammar(kind, source, serialized)
 
