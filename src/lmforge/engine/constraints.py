@@ -78,6 +78,8 @@ def compile_grammar(*, json_schema: dict | str | None = None, regex: str | None 
                 json_schema = json.loads(json_schema)
             except json.JSONDecodeError as e:
                 raise ConstraintError(f"the JSON schema is not valid JSON: {e}", param) from None
+            except RecursionError:
+                raise ConstraintError("the JSON schema nests arrays and objects too deeply", param) from None
         if not isinstance(json_schema, dict):
             raise ConstraintError("a JSON schema must be a JSON object", param)
         source = json.dumps(json_schema)  # key order kept: properties are generated in the schema's order
