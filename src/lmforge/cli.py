@@ -192,7 +192,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
           max_queue=args.max_queue, embedding_model=args.embedding_model, kv_cache_gb=args.kv_cache_gb,
           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_body_bytes=args.max_body_bytes,
           allowed_origins=args.allowed_origins, served_model_name=args.served_model_name, grammar_file=args.grammar,
-          rag_db=args.rag_db, tensor_parallel=args.tensor_parallel, **_load_options(args))  # fmt: skip
+          rag_db=args.rag_db, max_prompt_tokens=args.max_prompt_tokens, tensor_parallel=args.tensor_parallel,
+          **_load_options(args))  # fmt: skip
 
 
 def _add_load_options(s: argparse.ArgumentParser) -> None:
@@ -304,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grammar", default=None, metavar="FILE",
                    help="a Lark grammar every reply must match unless the request brings response_format / guided_*")
     s.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413 (default: 8 MiB)")
+    s.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="longer prompts get 400 (default: the context, --max-model-len)")
     s.add_argument("--allowed-origins", nargs="*", default=[], metavar="ORIGIN",
                    help="web origins allowed to call the API from a browser (CORS; default: none)")
     s.add_argument("--embedding-model", default=None, help="an encoder (e.g. MiniLM) to serve /v1/embeddings")

@@ -24,7 +24,8 @@ from lmforge.engine.constraints import ConstraintError, Grammar, compile_grammar
 from lmforge.errors import UserError
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+_NAME = re.compile(NAME_PATTERN)
 _CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.S)
 
 

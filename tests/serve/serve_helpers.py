@@ -26,7 +26,9 @@ def running_server(app):
     """Serve ``app`` with uvicorn on 127.0.0.1 in a background thread; yields the base URL."""
     import uvicorn
 
-    sock = socket.socket()
+    # proto IPPROTO_TCP, as uvicorn's own sockets have: asyncio sets TCP_NODELAY only on those, and without it
+    # every small reply waited ~40 ms (Nagle's algorithm holding the body for the client's delayed ACK)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))

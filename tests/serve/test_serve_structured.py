@@ -99,7 +99,7 @@ def test_tool_choice_auto_gives_text_or_valid_calls(client):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}}, "response_format", "invalid JSON schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}},
      "response_format", "uniqueItems"),
-    ({"response_format": {"type": "yaml"}}, "response_format", "must be text, json_object or json_schema"),
+    ({"response_format": {"type": "yaml"}}, "response_format", "'response_format.type' must be one of 'text', 'json_object', 'json_schema'"),
     ({"guided_regex": "(?=a)b"}, "guided_regex", "look-around"),
     ({"tools": [WEATHER, WEATHER]}, "tools", "must be unique"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "names no tool"),

@@ -78,6 +78,8 @@ def compile_grammar(*, json_schema: dict | str | None = None, regex: str | None 
                 json_schema = json.loads(json_schema)
             except json.JSONDecodeError as e:
                 raise ConstraintError(f"the JSON schema is not valid JSON: {e}", param) from None
+            except RecursionError:
+                raise ConstraintError("the JSON schema nests arrays and objects too deeply", param) from None
         if not isinstance(json_schema, dict):
             raise ConstraintError("a JSON schema must be a JSON object", param)
         source = json.dumps(json_schema)  # key order kept: properties are generated in the schema's order
@@ -94,15 +96,18 @@ def compile_grammar(*, json_schema: dict | str | None = None, regex: str | None 
 @functools.lru_cache(maxsize=256)
 def _compile(kind: str, source: str) -> Grammar:
     LLMatcher = _llguidance().LLMatcher
-    if kind in ("json_schema", "json_object"):
-        serialized = LLMatcher.grammar_from_json_schema(source, overrides=_JSON_OPTIONS)
-    elif kind == "regex":
-        serialized = LLMatcher.grammar_from_regex(source)
-    else:
-        serialized = LLMatcher.grammar_from_lark(source)
+    what = {"json_schema": "JSON schema", "json_object": "JSON schema", "regex": "regex", "lark": "grammar"}[kind]
+    try:
+        if kind in ("json_schema", "json_object"):
+            serialized = LLMatcher.grammar_from_json_schema(source, overrides=_JSON_OPTIONS)
+        elif kind == "regex":
+            serialized = LLMatcher.grammar_from_regex(source)
+        else:
+            serialized = LLMatcher.grammar_from_lark(source)
+    except ValueError as e:  # what llguidance cannot even read, e.g. a schema nested past its recursion limit
+        raise ConstraintError(f"invalid {what}: {_first_line(str(e))}") from None
     is_error, messages = LLMatcher.validate_grammar_with_warnings(serialized)
     if is_error:
-        what = {"json_schema": "JSON schema", "json_object": "JSON schema", "regex": "regex", "lark": "grammar"}[kind]
         raise ConstraintError(f"invalid {what}: {_first_line(messages[0])}")
     return Grammar(kind, source, serialized)
 

@@ -5,10 +5,18 @@
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (``stream: true`` as
 server-sent events ending in ``data: [DONE]``), POST /v1/embeddings (an encoder such as MiniLM),
-GET /health, GET /metrics (Prometheus text). Bad requests get 400 with OpenAI's error body,
-``{"error": {"message", "type", "param", "code"}}``; a full queue 429; a missing or wrong API key
-401. A client that goes away, mid-stream or while waiting, cancels its request at once, which
-frees its KV blocks before the engine's next step.
+GET /health, GET /metrics (Prometheus text). A client that goes away, mid-stream or while waiting,
+cancels its request at once, which frees its KV blocks before the engine's next step.
+
+Request bodies are pydantic models (serve/protocol.py) that FastAPI validates before an endpoint runs,
+so ``/openapi.json`` and ``/docs`` describe the API as it is. Errors have OpenAI's body,
+``{"error": {"message", "type", "param", "code"}}``: a bad request is 400 with one sentence that starts
+with the field's path (``'messages[0].content' must be ...``) and the top-level field as ``param``;
+a prompt longer than ``max_prompt_tokens`` (``--max-prompt-tokens``, default: the context) is 400
+naming both lengths; a full queue 429; a missing or wrong API key 401 (serve/guard.py: also 413 for a
+body over ``--max-body-bytes``, 415 for one that is not JSON). Tokenizing, chat templates, tools and
+grammar compilation run in a worker thread, never on the event loop: ``GET /health`` answers at once
+while a long prompt is tokenized.
 """
 
 from __future__ import annotations
@@ -17,7 +25,6 @@ import asyncio
 import base64
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -29,17 +36,19 @@ from typing import Any
 import anyio
 import torch
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import UserError
 from lmforge.engine import Engine, EngineConfig, QueueFullError, SamplingError, SamplingParams, SequenceOutput, TokenLogprob
 from lmforge.engine.prompt import chat_ids, token_budget
-from lmforge.engine.sampler import MAX_LOGPROBS
 from lmforge.engine.constraints import ConstraintError, Grammar, compile_grammar
 from lmforge.serve.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
+from lmforge.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorResponse, Message
 from lmforge.tools import ToolError, ToolSet, parse_tool_calls, parse_tools
 
 log = logging.getLogger("lmforge.serve")
@@ -56,7 +65,10 @@ class APIError(Exception):
 
 
 def error_body(message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    def utf8(s: str | None) -> str | None:  # a lone surrogate from the request (a key, a name) would not encode
+        return None if s is None else s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+    return {"error": {"message": utf8(message), "type": type, "param": utf8(param), "code": code}}
 
 
 def error_response(e: APIError) -> JSONResponse:
@@ -65,6 +77,18 @@ def error_response(e: APIError) -> JSONResponse:
 
 def bad(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param)
+
+
+_WHY = {400: "a bad request; the message names the field, which 'param' holds", 401: "a missing or wrong API key",
+        404: "no such model here", 413: "a body over the server's --max-body-bytes",
+        415: "a body that is not 'Content-Type: application/json'", 429: "the queue is full: retry later"}  # fmt: skip
+
+
+def _responses(*statuses: int) -> dict:
+    """OpenAPI's description of the errors a route may answer, in OpenAI's error body (any other
+    status, such as 500, too: so FastAPI's 422, which this server never sends, is not listed)."""
+    out: dict[int | str, dict] = {s: {"model": ErrorResponse, "description": _WHY[s]} for s in statuses}
+    return out | {"default": {"model": ErrorResponse, "description": "a server error (500: the details are in its log)"}}
 
 
 # --- the embedder --------------------------------------------------------------------------------
@@ -93,116 +117,123 @@ class Embedder:
         return torch.cat(out).float().cpu()
 
 
-# --- request parsing -----------------------------------------------------------------------------
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+# --- requests: from the validated body (serve/protocol.py) to engine inputs --------------------------
+def validation_error(errors: Sequence[dict], body: Any) -> APIError:
+    """The first of pydantic's errors as one sentence that starts with the field's path
+    (``'messages[0].content'``), with the top-level field as ``param``."""
+    err = errors[0]
+    kind, loc, ctx = err["type"], tuple(err.get("loc", ())), err.get("ctx") or {}
+    if kind == "json_invalid":
+        return bad(f"the request body is not valid JSON ({ctx.get('error', 'JSON decode error')} at character {loc[-1]}).")
+    path = _field_path(loc[1:] if loc[:1] == ("body",) else loc, body, last_is_field=kind == "missing")
+    shown = err.get("input")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # a tagged object whose tag is wrong or missing
+        path.append(str(ctx.get("discriminator", "type")).strip("'"))
+        shown = ctx.get("tag")
+    if not path:
+        return bad(f"the request body {_must(kind, ctx, '') if kind == 'string_unicode' else 'must be a JSON object'}.")
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" if i else str(p) for i, p in enumerate(path))
+    got = f", got {_shown(shown)}" if kind in _SHOW_INPUT and _shown(shown) is not None else ""
+    return bad(f"'{where}' {_must(kind, ctx, err.get('msg', 'is not valid'))}{got}.", str(path[0]))
 
 
-def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def _field_path(loc: Sequence, body: Any, last_is_field: bool) -> list:
+    """The parts of an error's location that are keys and indices of the request body: a union's member
+    tags (protocol._union) are dropped by walking the body along the location. A missing field's name,
+    absent from the body by definition, ends its location."""
+    path, value = [], body
+    for i, part in enumerate(loc):
+        if isinstance(value, dict) and part in value or isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value):
+            path.append(part)
+            value = value[part]
+        elif last_is_field and i == len(loc) - 1:
+            path.append(part)
+    return path
 
 
-class Body:
-    """A JSON request body read field by field; every field read is marked known, the rest is rejected."""
-
-    def __init__(self, data: Any):
-        if not isinstance(data, dict):
-            raise bad("the request body must be a JSON object.")
-        self.data, self.seen = data, set()
-
-    def get(self, name: str, kind: str, default: Any = None, *, lo: float | None = None, hi: float | None = None):
-        self.seen.add(name)
-        value = self.data.get(name, None)
-        if value is None:
-            return default
-        ok = {
-            "int": _is_int(value), "num": _is_num(value), "bool": isinstance(value, bool), "str": isinstance(value, str),
-            "list": isinstance(value, list), "dict": isinstance(value, dict), "any": True,
-        }[kind]  # fmt: skip
-        if not ok:
-            what = {"int": "an integer", "num": "a number", "bool": "true or false", "str": "a string",
-                    "list": "an array", "dict": "an object", "any": "a value"}[kind]  # fmt: skip
-            raise bad(f"'{name}' must be {what}, got {json.dumps(value)[:60]}.", name)
-        if lo is not None and value < lo or hi is not None and value > hi:
-            raise bad(f"'{name}' must lie in [{lo:g}, {hi:g}], got {value}.", name)
-        return value
-
-    def ignore(self, *names: str) -> None:
-        self.seen.update(names)
-
-    def unsupported(self, *names: str, allowed: Callable[[Any], bool] = lambda v: v is None) -> None:
-        for name in names:
-            self.seen.add(name)
-            if name in self.data and not allowed(self.data[name]):
-                raise bad(f"'{name}' is not supported by this server.", name)
-
-    def check_unknown(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            raise bad(f"unknown parameter(s): {', '.join(unknown)}.", unknown[0])
+_SHOW_INPUT = {"int_type", "bool_type", "string_type", "float_type", "finite_number", "list_type", "dict_type", "model_type",
+               "model_attributes_type", "greater_than_equal", "less_than_equal", "greater_than", "less_than",
+               "literal_error", "union_type", "union_tag_invalid", "string_pattern_mismatch"}  # fmt: skip
 
 
-def _sampling(body: Body, max_tokens: int | None, logprobs: int, n_max: int = 128, echo: bool = False) -> tuple[dict, int | None]:
+def _must(kind: str, ctx: dict, msg: str) -> str:
+    """What a field must be, for pydantic's error kinds (protocol.py's own errors say it themselves)."""
+    plain = {"missing": "is required", "extra_forbidden": "is not a known parameter", "int_type": "must be an integer",
+             "bool_type": "must be true or false", "string_type": "must be a string", "float_type": "must be a number",
+             "finite_number": "must be a finite number", "list_type": "must be an array", "dict_type": "must be an object",
+             "model_type": "must be an object", "model_attributes_type": "must be an object",
+             "union_tag_not_found": "is required", "string_unicode": "has a key that is not valid Unicode (a lone surrogate)"}  # fmt: skip
+    if kind in plain:
+        return plain[kind]
+    bound = {"greater_than_equal": ("at least", "ge"), "less_than_equal": ("at most", "le"),
+             "greater_than": ("greater than", "gt"), "less_than": ("less than", "lt")}  # fmt: skip
+    if kind in bound:
+        words, key = bound[kind]
+        return f"must be {words} {_number(ctx[key])}"
+    if kind in ("too_short", "too_long"):
+        n = ctx.get("min_length" if kind == "too_short" else "max_length")
+        return "must not be empty" if kind == "too_short" and n == 1 else f"must have at {'least' if kind == 'too_short' else 'most'} {n} items"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}"
+    if kind == "union_tag_invalid":
+        return f"must be one of {ctx['expected_tags']}"
+    if kind == "string_pattern_mismatch":
+        return f"must match {ctx['pattern']}"
+    return msg.removeprefix("Value error, ").replace("Input should", "must")
+
+
+def _number(x: int | float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _shown(value: Any) -> str | None:
+    """A scalar as JSON, cut short (objects and arrays are not shown)."""
+    if isinstance(value, str):
+        return json.dumps(value[:60] + ("..." if len(value) > 60 else ""))
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, int):
+        return str(value) if abs(value) < 10**60 else f"an integer of {len(str(abs(value)))} digits"
+    if isinstance(value, float):
+        return json.dumps(value)  # NaN and Infinity spelled as the client sent them
+    return None
+
+
+def _sampling(body: CompletionRequest | ChatCompletionRequest, logprobs: int, vocab_size: int) -> dict:
     """SamplingParams fields common to chat and completions (OpenAI's, then vLLM-style extras)."""
-    stop = body.get("stop", "any")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
-        raise bad("'stop' must be a non-empty string or an array of non-empty strings.", "stop")
-    stop_ids = body.get("stop_token_ids", "list")
-    if stop_ids is not None and not all(_is_int(t) and t >= 0 for t in stop_ids):
-        raise bad("'stop_token_ids' must be an array of token ids.", "stop_token_ids")
-    fields = dict(
-        temperature=body.get("temperature", "num", 1.0, lo=0, hi=2),
-        top_p=body.get("top_p", "num", 1.0),
-        top_k=body.get("top_k", "int", 0),
-        min_p=body.get("min_p", "num", 0.0),
-        presence_penalty=body.get("presence_penalty", "num", 0.0, lo=-2, hi=2),
-        frequency_penalty=body.get("frequency_penalty", "num", 0.0, lo=-2, hi=2),
-        repetition_penalty=body.get("repetition_penalty", "num", 1.0),
-        seed=body.get("seed", "int"),
-        n=body.get("n", "int", 1, lo=1, hi=n_max),
-        stop=tuple(stop or ()),
-        stop_token_ids=tuple(stop_ids or ()),
-        ignore_eos=body.get("ignore_eos", "bool", False),
-        skip_special_tokens=body.get("skip_special_tokens", "bool", True),
-        logprobs=logprobs,
-    )
-    body.unsupported("logit_bias", allowed=lambda v: not v)
-    body.ignore("user", "metadata", "store", "service_tier")
-    if max_tokens is not None and max_tokens < (0 if echo else 1):
-        raise bad(f"'max_tokens' must be at least {0 if echo else 1}, got {max_tokens}.", "max_tokens")
-    return fields, max_tokens
+    for i, t in enumerate(body.stop_token_ids or ()):
+        if t >= vocab_size:
+            raise bad(f"'stop_token_ids[{i}]' is {t}, outside the vocabulary (0..{vocab_size - 1}).", "stop_token_ids")
+    return dict(
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty, seed=body.seed, n=body.n,
+        stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
+        stop_token_ids=tuple(body.stop_token_ids or ()), ignore_eos=body.ignore_eos,
+        skip_special_tokens=body.skip_special_tokens, logprobs=logprobs,
+    )  # fmt: skip
 
 
-_GUIDED = {"guided_json": ("any", "json_schema"), "guided_regex": ("str", "regex"), "guided_grammar": ("str", "grammar")}
+def _asked_constraint(body: CompletionRequest | ChatCompletionRequest) -> tuple[str, dict] | None:
+    """The grammar a request asks its reply to match, as (field, compile_grammar's arguments): OpenAI's
+    ``response_format`` (json_object, json_schema), or the vLLM-style extras guided_json / guided_regex /
+    guided_grammar (Lark). The protocol lets a request ask for one at most."""
+    rf = body.response_format
+    if rf is not None and rf.type == "json_object":
+        return "response_format", {"json_object": True}
+    if rf is not None and rf.type == "json_schema":
+        return "response_format", {"json_schema": rf.json_schema.schema_}
+    for name, arg in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_grammar", "grammar")):
+        if getattr(body, name) is not None:
+            return name, {arg: getattr(body, name)}
+    return None
 
 
-def _constraint(body: Body, default: Grammar | None) -> Grammar | None:
-    """The grammar a reply must match: OpenAI's ``response_format`` (json_object, json_schema), or the
-    vLLM-style extras guided_json / guided_regex / guided_grammar (Lark); else the server's --grammar."""
-    specs: list[tuple[str, dict]] = []
-    rf = body.get("response_format", "dict")
-    if rf is not None:
-        kind = rf.get("type")
-        if kind == "json_object":
-            specs.append(("response_format", {"json_object": True}))
-        elif kind == "json_schema":
-            js = rf.get("json_schema")
-            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
-                raise bad("'response_format.json_schema' must be {'name': ..., 'schema': {...}, 'strict': true}.", "response_format")
-            specs.append(("response_format", {"json_schema": js["schema"]}))
-        elif kind != "text":
-            raise bad(f"'response_format.type' must be text, json_object or json_schema, got {json.dumps(kind)}.", "response_format")
-    for name, (kind, arg) in _GUIDED.items():
-        value = body.get(name, kind)
-        if value is not None:
-            specs.append((name, {arg: value}))
-    if len(specs) > 1:
-        raise bad(f"'{specs[1][0]}' cannot be combined with '{specs[0][0]}': give one constraint.", specs[1][0])
-    if not specs:
+def _constraint(asked: tuple[str, dict] | None, default: Grammar | None) -> Grammar | None:
+    """The compiled constraint a request asked for, else the server's --grammar."""
+    if asked is None:
         return default
-    param, spec = specs[0]
+    param, spec = asked
     try:
         return compile_grammar(**spec, param=param)
     except ConstraintError as e:
@@ -229,38 +260,84 @@ class Spec:
         return SamplingParams(max_new_tokens=room if max_new is None else min(max_new, room), **self.fields)
 
 
-def _stream_options(body: Body, stream: bool) -> bool:
-    opts = body.get("stream_options", "dict")
-    if opts is None:
-        return False
-    if not stream:
-        raise bad("'stream_options' is only allowed with stream: true.", "stream_options")
-    unknown = set(opts) - {"include_usage", "continuous_usage_stats"}
-    if unknown or not isinstance(opts.get("include_usage", False), bool):
-        raise bad("'stream_options' takes only include_usage (true or false).", "stream_options")
-    return bool(opts.get("include_usage", False))
+def _include_usage(body: CompletionRequest | ChatCompletionRequest) -> bool:
+    return body.stream_options is not None and bool(body.stream_options.include_usage)
 
 
-def _message_text(m: Any, i: int) -> dict:
-    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-        raise bad(f"messages[{i}] must be an object with a 'role' and a 'content'.", "messages")
-    content = m.get("content")
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad(f"messages[{i}].content: only text parts are supported.", "messages")
-            parts.append(part["text"])
-        content = "".join(parts)
-    if content is not None and not isinstance(content, str):
-        raise bad(f"messages[{i}].content must be a string or an array of text parts.", "messages")
-    out = {**{k: v for k, v in m.items() if k in ("role", "name", "tool_call_id")}, "content": content or ""}
-    if m.get("role") == "assistant" and m.get("tool_calls"):
-        calls = m["tool_calls"]
-        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) and
-                                                  isinstance(c["function"].get("name"), str) for c in calls):  # fmt: skip
-            raise bad(f"messages[{i}].tool_calls must be OpenAI tool calls ({{'function': {{'name': ..., 'arguments': ...}}}}).", "messages")
-        out["tool_calls"] = calls
+def completion_spec(state: Server, body: CompletionRequest) -> Spec:
+    """What /v1/completions does before the engine: tokenize the prompts, compile the constraint
+    (blocking work: the endpoint runs it in a thread)."""
+    p = body.prompt
+    items = [p] if isinstance(p, str) or isinstance(p[0], int) else p  # one prompt, or an array of them
+    prompts = []
+    for k, item in enumerate(items):
+        ids = state.engine.tokenizer.encode(item) if isinstance(item, str) else item
+        state.check_prompt_tokens(ids, "the prompt" if len(items) == 1 else f"prompt[{k}]", "prompt")
+        prompts.append(ids)
+    fields = _sampling(body, body.logprobs or 0, state.engine.model.config.vocab_size)
+    fields["constraint"] = _constraint(_asked_constraint(body), state.grammar)
+    return Spec(prompts, fields, body.max_tokens, body.stream, _include_usage(body), body.logprobs is not None, body.echo)
+
+
+def chat_spec(state: Server, body: ChatCompletionRequest) -> Spec:
+    """What /v1/chat/completions does before the engine: check the tools, render the chat template,
+    tokenize, compile the constraint (blocking work: the endpoint runs it in a thread)."""
+    tokenizer = state.engine.tokenizer
+    tools_in = None if body.tools is None else [t.model_dump(exclude_none=True) for t in body.tools]
+    choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
+    try:
+        tools = parse_tools(tools_in, choice, body.parallel_tool_calls)
+        template_tools = tools.openai_tools() if tools.active and "tools" in (tokenizer.chat_template or "") else None
+        messages = tools.render([_message(m) for m in body.messages], tokenizer)
+    except ToolError as e:
+        raise bad(str(e), e.param) from None
+    try:
+        prompt = chat_ids(tokenizer, messages, tools=template_tools)
+    except UserError as e:
+        raise bad(str(e), "messages") from None
+    state.check_prompt_tokens(prompt, "the messages' prompt", "messages")
+    fields = _sampling(body, body.top_logprobs or 0, state.engine.model.config.vocab_size)
+    asked = _asked_constraint(body)
+    if tools.active:  # the reply is text or tool calls, by the tools' own grammar
+        if asked is not None:
+            raise bad(f"'{asked[0]}' cannot be combined with tools: give one or the other.", asked[0])
+        try:
+            fields["constraint"] = tools.grammar()
+        except ToolError as e:
+            raise bad(str(e), e.param) from None
+    else:
+        fields["constraint"] = _constraint(asked, state.grammar)
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    spec = Spec([prompt], fields, max_tokens, body.stream, _include_usage(body), body.logprobs)
+    spec.tools = tools if tools.active else None
+    return spec
+
+
+def _message(m: Message) -> dict:
+    """A message as chat templates take it: the content one string, earlier tool calls as dicts."""
+    content = "".join(part.text for part in m.content) if isinstance(m.content, list) else m.content or ""
+    out = {"role": m.role, "content": content}
+    out |= {k: getattr(m, k) for k in ("name", "tool_call_id") if getattr(m, k) is not None}
+    if m.role == "assistant" and m.tool_calls:
+        out["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
+    return out
+
+
+def embedding_inputs(embedder: Embedder, value: str | list) -> list[list[int]]:
+    """Token ids of each input (blocking work: the endpoint runs it in a thread)."""
+    items = [value] if isinstance(value, str) or isinstance(value[0], int) else value
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            ids = embedder.tokenizer.encode(item)
+        elif max(item) >= (vocab := embedder.model.config.vocab_size):
+            raise bad(f"'input[{i}]' holds token id {max(item)}, outside the vocabulary (0..{vocab - 1}).", "input")
+        else:
+            ids = item
+        if len(ids) > embedder.max_len:
+            raise bad(f"'input[{i}]' has {len(ids)} tokens but {embedder.name}'s context is {embedder.max_len} tokens: "
+                      "shorten it.", "input")  # fmt: skip
+        out.append(ids)
     return out
 
 
@@ -268,10 +345,14 @@ def _message_text(m: Any, i: int) -> dict:
 class Server:
     """State shared by the endpoints: the engine, the embedder, counters."""
 
-    def __init__(self, engine: Engine | None, model_name: str | None, embedder: Embedder | None, api_key: str | None):
+    def __init__(self, engine: Engine | None, model_name: str | None, embedder: Embedder | None, api_key: str | None,
+                 max_prompt_tokens: int | None = None):  # fmt: skip
         if engine is None and embedder is None:
             raise UserError("a server needs a generator model, an embedding model, or both.")
+        if max_prompt_tokens is not None and max_prompt_tokens < 1:
+            raise UserError(f"max_prompt_tokens (--max-prompt-tokens) must be at least 1, got {max_prompt_tokens}.")
         self.engine, self.model_name, self.embedder, self.api_key = engine, model_name, embedder, api_key
+        self.max_prompt_tokens = max_prompt_tokens or (engine.max_model_len if engine is not None else None)
         self.grammar: Grammar | None = None  # --grammar: the constraint of requests that bring none
         self.requests: Counter[tuple[str, int]] = Counter()
         self.started = int(time.time())
@@ -284,10 +365,7 @@ class Server:
             t = self._token_text[token_id] = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
         return t
 
-    def check_model(self, body: Body, kind: str) -> str:
-        name = body.get("model", "str")
-        if name is None:
-            raise bad("'model' is required.", "model")
+    def check_model(self, name: str, kind: str) -> str:
         served = self.model_name if kind == "generate" else (self.embedder.name if self.embedder else None)
         if kind == "generate" and self.engine is None:
             raise APIError(404, "this server hosts no text-generation model, only embeddings.", "model", "model_not_found")
@@ -297,14 +375,10 @@ class Server:
             raise APIError(404, f"the model '{name}' does not exist here; this server serves '{served}'.", "model", "model_not_found")
         return name
 
-
-async def read_body(request: Request) -> Body:
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad(f"the request body is not valid JSON ({e}).") from None
-    return Body(data)
+    def check_prompt_tokens(self, ids: list[int], what: str, param: str) -> None:
+        if len(ids) > self.max_prompt_tokens:
+            raise bad(f"{what} has {len(ids)} tokens but this server takes at most {self.max_prompt_tokens} tokens per "
+                      "prompt (--max-prompt-tokens): shorten it.", param)  # fmt: skip
 
 
 class EventStream(StreamingResponse):
@@ -377,11 +451,13 @@ def create_app(
     allowed_origins: Sequence[str] = (),
     grammar: Grammar | None = None,
     rag=None,
+    max_prompt_tokens: int | None = None,
 ) -> FastAPI:
     """The FastAPI app. ``manage_engine``: start the engine's thread at start-up, stop it at shutdown.
     ``grammar``: the constraint of every completion whose request brings none (``--grammar``).
-    ``rag``: a RAG database (path or open ``Retriever``) served at ``POST /v1/rag/query``."""
-    state = Server(engine, model_name, embedder, api_key)
+    ``rag``: a RAG database (path or open ``Retriever``) served at ``POST /v1/rag/query``.
+    ``max_prompt_tokens``: the most tokens one prompt may have (default: the engine's max_model_len)."""
+    state = Server(engine, model_name, embedder, api_key, max_prompt_tokens)
     state.grammar = grammar
 
     from contextlib import asynccontextmanager
@@ -406,12 +482,17 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, e: RequestValidationError):
-        return error_response(bad(f"invalid request: {e.errors()[0].get('msg', 'bad value')}."))
+        return error_response(validation_error(e.errors(), e.body))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+        message = str(e.detail)
+        if isinstance(e.__cause__, RecursionError):  # FastAPI's 400 for a body json.loads could not parse
+            message = "the request body nests arrays or objects too deeply."
+        elif isinstance(e.__cause__, ValueError):  # not UTF-8, an integer of over 4300 digits, ...
+            message = f"the request body is not valid JSON ({str(e.__cause__).split(';')[0]})."
+        return JSONResponse(error_body(message, kind), status_code=e.status_code)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
@@ -449,7 +530,7 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type"])  # fmt: skip
 
-    v1 = APIRouter()
+    v1 = APIRouter(responses=_responses(401))
 
     # --- endpoints -------------------------------------------------------------------------------
     @app.get("/health")
@@ -478,7 +559,7 @@ def create_app(
                          "max_model_len": embedder.max_len})  # fmt: skip
         return {"object": "list", "data": data}
 
-    @v1.get("/v1/models/{model_id:path}")
+    @v1.get("/v1/models/{model_id:path}", responses=_responses(404))
     async def model_card(model_id: str):
         for card in (await models())["data"]:
             if card["id"] == model_id:
@@ -486,88 +567,37 @@ def create_app(
         raise APIError(404, f"the model '{model_id}' does not exist here; GET /v1/models lists what is served.",
                        "model", "model_not_found")  # fmt: skip
 
-    @v1.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_body(request)
-        name = state.check_model(body, "generate")
-        prompt = body.get("prompt", "any")
-        if prompt is None:
-            raise bad("'prompt' is required.", "prompt")
-        prompts = _completion_prompts(prompt, engine.tokenizer)
-        lp = body.get("logprobs", "int", lo=0, hi=MAX_LOGPROBS)
-        echo = body.get("echo", "bool", False)
-        body.unsupported("suffix")
-        n = body.data.get("n") or 1
-        body.unsupported("best_of", allowed=lambda v: v is None or v == n)
-        max_tokens = body.get("max_tokens", "int")
-        fields, max_tokens = _sampling(body, max_tokens, lp or 0, echo=echo)
-        fields["constraint"] = _constraint(body, state.grammar)
-        stream = body.get("stream", "bool", False)
-        if echo and stream:
-            raise bad("'echo' is supported without streaming only: drop 'stream' or 'echo'.", "echo")
-        usage = _stream_options(body, stream)
-        body.check_unknown()
-        spec = Spec(prompts, fields, max_tokens, stream, usage, lp is not None, echo)
+    generation = {**_responses(400, 404, 413, 415, 429), 200: {
+        "description": "the completion; with stream: true, server-sent events ending in 'data: [DONE]'",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}}}}  # fmt: skip
+
+    @v1.post("/v1/completions", responses=generation)
+    async def completions(body: CompletionRequest, request: Request):
+        name = state.check_model(body.model, "generate")
+        spec = await run_in_threadpool(completion_spec, state, body)
         return await _generate(request, state, spec, name, chat=False, default_max=16)
 
-    @v1.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_body(request)
-        name = state.check_model(body, "generate")
-        messages = body.get("messages", "list")
-        if not messages:
-            raise bad("'messages' must be a non-empty array of messages.", "messages")
-        messages = [_message_text(m, i) for i, m in enumerate(messages)]
-        try:
-            tools = parse_tools(body.get("tools", "any"), body.get("tool_choice", "any"), body.get("parallel_tool_calls", "bool"))
-        except ToolError as e:
-            raise bad(str(e), e.param) from None
-        template_tools = tools.openai_tools() if tools.active and "tools" in (engine.tokenizer.chat_template or "") else None
-        try:
-            prompt = chat_ids(engine.tokenizer, tools.render(messages, engine.tokenizer), tools=template_tools)
-        except UserError as e:
-            raise bad(str(e), "messages") from None
-        want = body.get("logprobs", "bool", False)
-        top = body.get("top_logprobs", "int", lo=0, hi=MAX_LOGPROBS)
-        if top is not None and not want:
-            raise bad("'top_logprobs' needs 'logprobs': true.", "top_logprobs")
-        legacy = body.get("max_tokens", "int")  # deprecated by OpenAI, still what most clients send
-        mct = body.get("max_completion_tokens", "int")
-        max_tokens = mct if mct is not None else legacy
-        body.unsupported("functions", allowed=lambda v: not v)  # the deprecated forms of tools / tool_choice
-        body.unsupported("function_call", allowed=lambda v: v in (None, "none"))
-        body.unsupported("modalities", allowed=lambda v: v is None or v == ["text"])
-        body.unsupported("audio", "prediction", "web_search_options", "reasoning_effort")
-        fields, max_tokens = _sampling(body, max_tokens, top or 0)
-        fields["constraint"] = _constraint(body, None if tools.active else state.grammar)
-        if tools.active:
-            if fields["constraint"] is not None:
-                raise bad("'response_format' and guided_* constraints cannot be combined with tools.", "response_format")
-            fields["constraint"] = tools.grammar()
-        stream = body.get("stream", "bool", False)
-        usage = _stream_options(body, stream)
-        body.check_unknown()
-        spec = Spec([prompt], fields, max_tokens, stream, usage, bool(want))
-        spec.tools = tools if tools.active else None
+    @v1.post("/v1/chat/completions", responses=generation)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        name = state.check_model(body.model, "generate")
+        spec = await run_in_threadpool(chat_spec, state, body)
         return await _generate(request, state, spec, name, chat=True, default_max=None)
 
-    @v1.post("/v1/embeddings")
-    async def embeddings(request: Request):
-        body = await read_body(request)
-        name = state.check_model(body, "embed")
-        inputs = _embedding_inputs(body.get("input", "any"), embedder)
-        fmt = body.get("encoding_format", "str", "float")
-        if fmt not in ("float", "base64"):
-            raise bad(f"'encoding_format' must be float or base64, got {fmt!r}.", "encoding_format")
-        dims = body.get("dimensions", "int")
-        if dims is not None and dims != embedder.dim:
+    @v1.post("/v1/embeddings", responses=_responses(400, 404, 413, 415))
+    async def embeddings(body: EmbeddingRequest):
+        name = state.check_model(body.model, "embed")
+        if body.dimensions is not None and body.dimensions != embedder.dim:
             raise bad(f"'dimensions' must be {embedder.dim} for {name} (it cannot shorten its embeddings).", "dimensions")
-        body.ignore("user")
-        body.check_unknown()
-        vectors = await asyncio.to_thread(embedder.embed, inputs)
+
+        def embed() -> tuple[list[list[int]], torch.Tensor]:
+            inputs = embedding_inputs(embedder, body.input)
+            return inputs, embedder.embed(inputs)
+
+        inputs, vectors = await run_in_threadpool(embed)
         data = []
         for i, v in enumerate(vectors):
-            emb: Any = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()
+            b64 = body.encoding_format == "base64"
+            emb: Any = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() if b64 else v.tolist()
             data.append({"object": "embedding", "index": i, "embedding": emb})
         n_tok = sum(len(x) for x in inputs)
         return {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}
@@ -578,46 +608,6 @@ def create_app(
         app.include_router(rag_router(rag))
     app.include_router(v1)
     return app
-
-
-def _completion_prompts(prompt: Any, tokenizer) -> list[list[int]]:
-    """OpenAI's prompt forms: a string, token ids, or an array of either."""
-    def one(p) -> list[int]:
-        if isinstance(p, str):
-            if not p:
-                raise bad("'prompt' must not be empty.", "prompt")
-            return tokenizer.encode(p)
-        if isinstance(p, list) and p and all(_is_int(t) for t in p):
-            return list(p)
-        raise bad("'prompt' must be a string, an array of token ids, or an array of those.", "prompt")
-
-    if isinstance(prompt, list) and prompt and not all(_is_int(t) for t in prompt):
-        return [one(p) for p in prompt]
-    return [one(prompt)]
-
-
-def _embedding_inputs(value: Any, embedder: Embedder) -> list[list[int]]:
-    if value is None:
-        raise bad("'input' is required.", "input")
-    if isinstance(value, str) or (isinstance(value, list) and value and all(_is_int(t) for t in value)):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise bad("'input' must be a string, an array of strings, or token ids.", "input")
-    out = []
-    for i, item in enumerate(value):
-        if isinstance(item, str) and item:
-            ids = embedder.tokenizer.encode(item)
-        elif isinstance(item, list) and item and all(_is_int(t) for t in item):
-            ids = list(item)
-            if min(ids) < 0 or max(ids) >= embedder.model.config.vocab_size:
-                raise bad(f"input[{i}] has a token id outside the vocabulary.", "input")
-        else:
-            raise bad(f"input[{i}] must be a non-empty string or an array of token ids.", "input")
-        if len(ids) > embedder.max_len:
-            raise bad(f"input[{i}] has {len(ids)} tokens but {embedder.name}'s context is {embedder.max_len} tokens: "
-                      "shorten it.", "input")  # fmt: skip
-        out.append(ids)
-    return out
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -857,6 +847,7 @@ def build_app(
     grammar_file: str | Path | None = None,
     rag_db: str | Path | None = None,
     tensor_parallel: int = 1,
+    max_prompt_tokens: int | None = None,
 ) -> FastAPI:
     """Load the checkpoints and build the app (an encoder given as MODEL is served for embeddings).
     ``served_model_name``: the name clients send as ``model`` (default: the checkpoint's file or
@@ -897,7 +888,7 @@ def build_app(
             raise UserError(f"--grammar {grammar_file}: {e}") from None
     return create_app(generator, name if generator else None, embedder=embedder, api_key=api_key,
                       max_body_bytes=max_body_bytes, allowed_origins=allowed_origins, grammar=grammar,
-                      rag=rag_db)  # fmt: skip
+                      rag=rag_db, max_prompt_tokens=max_prompt_tokens)  # fmt: skip
 
 
 def serve(model: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000, **kwargs) -> None:
