@@ -100,6 +100,13 @@ def test_properties_come_in_the_schemas_order(tok):
     assert text == '{"zeta":1,"alpha":2}'
 
 
+def _nested_schema(depth: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -109,6 +116,13 @@ def test_properties_come_in_the_schemas_order(tok):
         (dict(regex="[a-"), "unclosed character class"),
         (dict(regex="(?=a)b"), "look-around"),
         (dict(grammar="start: undefined_rule"), "invalid grammar"),
+        # specs that used to escape as ValueError / UnicodeEncodeError (a server's 500): found by fuzzing
+        (dict(json_schema={"enum": [float("nan")]}), "NaN or Infinity"),
+        (dict(json_schema='{"type": "number", "maximum": Infinity}'), "NaN or Infinity"),
+        (dict(json_schema=_nested_schema(200)), "invalid JSON schema: recursion limit"),
+        (dict(json_schema=_nested_schema(5000)), "nested too deeply"),
+        (dict(regex="a\ud800"), "lone UTF-16 surrogate"),
+        (dict(grammar='start: "\ud800"'), "lone UTF-16 surrogate"),
         (dict(), "exactly one"),
         (dict(regex="a", grammar='start: "a"'), "exactly one"),
     ],
