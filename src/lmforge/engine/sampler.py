@@ -98,8 +98,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not is_num(value) or not -2 <= value <= 2:
                 raise SamplingError(f"{name} must lie in [-2, 2] (0 turns it off), got {value!r}.", param=name)
-        if self.seed is not None and not is_int(self.seed):
-            raise SamplingError(f"seed must be an integer or None, got {self.seed!r}.", param="seed")
+        if self.seed is not None and (not is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise SamplingError(f"seed must be a 64-bit integer (from -2**63 to 2**64 - 1) or None, got {self.seed!r}.", param="seed")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise SamplingError(f"stop must be non-empty strings, got {s!r}.", param="stop")
@@ -124,8 +124,11 @@ def make_generator(params: SamplingParams, device=None, sample_index: int = 0) -
     if params.seed is None:
         return None
     g = torch.Generator(device=device or "cpu")
-    g.manual_seed(params.seed + sample_index)
+    g.manual_seed((params.seed + sample_index) % 2**64)  # torch's seeds are 64-bit; it maps negative ones the same way
     return g
+
+
+_MAX_LONG = torch.iinfo(torch.long).max
 
 
 @dataclass
@@ -157,7 +160,7 @@ class SamplingBatch:
         return cls(
             temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=device),
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            top_k=col("top_k", torch.long),
+            top_k=torch.tensor([min(p.top_k, _MAX_LONG) for p in params], dtype=torch.long, device=device),  # k >= V: all
             top_p=col("top_p"),
             min_p=col("min_p"),
             repetition_penalty=col("repetition_penalty"),
