@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from lmforge.engine.constraints import Constraint, ConstraintError, compile_grammar, mask_logits, unpack_bitmask
+from lmforge.engine.output import OutputProcessor
+from lmforge.engine.sampler import SamplingError, SamplingParams
 from lmforge.tokenizer import load_tokenizer
 
 
@@ -136,3 +138,9 @@ def test_bad_specs_say_what_is_wrong(kwargs, message):
 def test_a_regex_that_cannot_match_is_refused(tok):
     with pytest.raises(ConstraintError, match="can't match"):
         Constraint(compile_grammar(regex=r"[^\x00-\x{10FFFF}]"), tok)
+    # a request's: a SamplingError, like every other bad request parameter (it used to escape add_request
+    # as a ConstraintError, which the server answered with 500)
+    params = SamplingParams(constraint=compile_grammar(grammar="start: start"))
+    with pytest.raises(SamplingError, match="can't match") as e:
+        OutputProcessor(params, frozenset(), 4, tok)
+    assert e.value.param == "constraint"
