@@ -129,6 +129,7 @@ def make_generator(params: SamplingParams, device=None, sample_index: int = 0) -
 
 
 _MAX_LONG = torch.iinfo(torch.long).max
+_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass
@@ -158,7 +159,8 @@ class SamplingBatch:
 
         greedy = [p.greedy for p in params]
         return cls(
-            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=device),
+            # (a temperature that float32 rounds to 0 would divide by zero: the smallest normal float32 instead)
+            temperature=torch.tensor([1.0 if g else max(p.temperature, _TINY) for p, g in zip(params, greedy)], device=device),
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
             top_k=torch.tensor([min(p.top_k, _MAX_LONG) for p in params], dtype=torch.long, device=device),  # k >= V: all
             top_p=col("top_p"),
@@ -206,7 +208,8 @@ def apply_penalties(
     generated = output_counts > 0
     seen = generated if prompt_mask is None else generated | prompt_mask
     rp = batch.repetition_penalty[:, None]
-    penalised = torch.where(logits > 0, logits / rp, logits * rp)
+    big = torch.finfo(logits.dtype).max  # a penalty near 0 (or 0 once in float32) must not make a logit +inf: NaN in softmax
+    penalised = torch.where(logits > 0, logits / rp, logits * rp).clamp(-big, big)
     logits = torch.where(seen, penalised, logits)
     logits -= batch.presence_penalty[:, None] * generated + batch.frequency_penalty[:, None] * output_counts
     return logits
@@ -273,7 +276,9 @@ def sample(
     if batch.all_greedy:
         ids = argmax(logits)
     else:
-        scaled = filter_logits(logits / batch.temperature[:, None], batch)
+        # the row's maximum subtracted first (softmax doesn't change): a tiny temperature then sends the
+        # others to -inf instead of every logit to +-inf, whose softmax is NaN and whose draw is token 0
+        scaled = filter_logits((logits - logits.amax(-1, keepdim=True)) / batch.temperature[:, None], batch)
         probs = scaled.softmax(-1)
         # Exponential race: argmax(p / q) with q ~ Exp(1) draws index i with probability p_i,
         # like torch.multinomial, but vectorised over rows that each have their own generator.
