@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from lmforge.engine.constraints import Constraint, ConstraintError, compile_grammar, mask_logits, unpack_bitmask
+from lmforge.engine.output import OutputProcessor
+from lmforge.engine.sampler import SamplingError, SamplingParams
 from lmforge.tokenizer import load_tokenizer
 
 
@@ -100,6 +102,13 @@ def test_properties_come_in_the_schemas_order(tok):
     assert text == '{"zeta":1,"alpha":2}'
 
 
+def _nested_schema(depth: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -109,6 +118,13 @@ def test_properties_come_in_the_schemas_order(tok):
         (dict(regex="[a-"), "unclosed character class"),
         (dict(regex="(?=a)b"), "look-around"),
         (dict(grammar="start: undefined_rule"), "invalid grammar"),
+        # specs that used to escape as ValueError / UnicodeEncodeError (a server's 500): found by fuzzing
+        (dict(json_schema={"enum": [float("nan")]}), "NaN or Infinity"),
+        (dict(json_schema='{"type": "number", "maximum": Infinity}'), "NaN or Infinity"),
+        (dict(json_schema=_nested_schema(200)), "invalid JSON schema: recursion limit"),
+        (dict(json_schema=_nested_schema(5000)), "nested too deeply"),
+        (dict(regex="a\ud800"), "lone UTF-16 surrogate"),
+        (dict(grammar='start: "\ud800"'), "lone UTF-16 surrogate"),
         (dict(), "exactly one"),
         (dict(regex="a", grammar='start: "a"'), "exactly one"),
     ],
@@ -122,3 +138,9 @@ def test_bad_specs_say_what_is_wrong(kwargs, message):
 def test_a_regex_that_cannot_match_is_refused(tok):
     with pytest.raises(ConstraintError, match="can't match"):
         Constraint(compile_grammar(regex=r"[^\x00-\x{10FFFF}]"), tok)
+    # a request's: a SamplingError, like every other bad request parameter (it used to escape add_request
+    # as a ConstraintError, which the server answered with 500)
+    params = SamplingParams(constraint=compile_grammar(grammar="start: start"))
+    with pytest.raises(SamplingError, match="can't match") as e:
+        OutputProcessor(params, frozenset(), 4, tok)
+    assert e.value.param == "constraint"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -44,6 +46,8 @@ def draw(logits: torch.Tensor, params: SamplingParams, n: int) -> torch.Tensor:
         (dict(logprobs=-1), "logprobs"),
         (dict(stop=[""]), "stop"),
         (dict(seed=1.5), "seed"),
+        (dict(seed=2**64), "seed"),  # past what torch takes: it used to fail add_request (a server's 500)
+        (dict(seed=-(2**70)), "seed"),
         (dict(temperature=float("nan")), "temperature"),
     ],
 )
@@ -131,6 +135,38 @@ def test_same_seed_repeats_and_does_not_depend_on_the_batch():
     assert len(set(alone[0].tolist())) > 1  # it does sample
     other = run([0], [SamplingParams(seed=43)])
     assert not torch.equal(other, alone)
+
+
+def test_seeds_at_the_ends_of_the_64_bit_range_and_top_k_past_it():
+    # both used to raise "Overflow when unpacking long long": the seed on add_request, top_k in the
+    # engine step (failing every request of the batch)
+    logits = torch.randn(2, 300)
+    for seed in (2**64 - 1, -(2**63), -1):
+        params = [SamplingParams(seed=seed, n=2)] * 2
+        gens = [make_generator(p, sample_index=i) for i, p in enumerate(params)]
+        assert sample(logits, SamplingBatch.from_params(params), gens).token_ids.shape == (2,)
+    assert make_generator(SamplingParams(seed=-1)).initial_seed() == 2**64 - 1  # torch's own reading of -1
+    assert make_generator(SamplingParams(seed=2**64 - 1), sample_index=1).initial_seed() == 0  # wraps, no overflow
+    huge = SamplingBatch.from_params([SamplingParams(top_k=2**70, temperature=1.0)])
+    allk = SamplingBatch.from_params([SamplingParams(top_k=300, temperature=1.0)])
+    assert torch.equal(filter_logits(logits[:1], huge), filter_logits(logits[:1], allk))  # k past V keeps every token
+
+
+@pytest.mark.parametrize("extreme", [dict(temperature=1e-40), dict(temperature=5e-324), dict(repetition_penalty=1e-300),
+                                     dict(temperature=1e-40, top_p=0.5, top_k=3, min_p=0.5)])  # fmt: skip
+def test_extreme_parameters_never_draw_a_masked_token(extreme):
+    # a tiny temperature (or one float32 rounds to 0), or a repetition penalty near 0, made logits +-inf:
+    # softmax NaN, and the draw token 0 even where a grammar had masked it out, which failed the
+    # engine step of every request batched with it (found by fuzzing the server)
+    torch.manual_seed(6)
+    logits = torch.randn(2, 50)
+    logits[:, :40] = -math.inf  # what a constraint's mask leaves
+    params = [SamplingParams(**extreme, seed=i) for i in range(2)]
+    batch = SamplingBatch.from_params(params)
+    penalised = apply_penalties(logits, batch, count_tokens([[45, 46], [47]], 50), count_tokens([[45], [41]], 50) > 0)
+    assert torch.isfinite(penalised[:, 40:]).all()
+    ids = sample(penalised, batch, [make_generator(p) for p in params]).token_ids
+    assert torch.equal(ids, penalised.argmax(-1))  # the limit of such sampling: the most likely allowed token
 
 
 def test_per_row_parameters():

@@ -82,7 +82,12 @@ def compile_grammar(*, json_schema: dict | str | None = None, regex: str | None 
                 raise ConstraintError("the JSON schema nests arrays and objects too deeply", param) from None
         if not isinstance(json_schema, dict):
             raise ConstraintError("a JSON schema must be a JSON object", param)
-        source = json.dumps(json_schema)  # key order kept: properties are generated in the schema's order
+        try:  # key order kept: properties are generated in the schema's order
+            source = json.dumps(json_schema, allow_nan=False)
+        except ValueError:
+            raise ConstraintError("the JSON schema holds NaN or Infinity, which JSON does not allow", param) from None
+        except RecursionError:
+            raise ConstraintError("the JSON schema is nested too deeply", param) from None
     elif regex is not None:
         kind, source = "regex", regex
     else:
@@ -97,14 +102,16 @@ def compile_grammar(*, json_schema: dict | str | None = None, regex: str | None 
 def _compile(kind: str, source: str) -> Grammar:
     LLMatcher = _llguidance().LLMatcher
     what = {"json_schema": "JSON schema", "json_object": "JSON schema", "regex": "regex", "lark": "grammar"}[kind]
-    try:
+    try:  # llguidance raises ValueError for some specs it can't take (nesting past its limit, lone surrogates)
         if kind in ("json_schema", "json_object"):
             serialized = LLMatcher.grammar_from_json_schema(source, overrides=_JSON_OPTIONS)
         elif kind == "regex":
             serialized = LLMatcher.grammar_from_regex(source)
         else:
             serialized = LLMatcher.grammar_from_lark(source)
-    except ValueError as e:  # what llguidance cannot even read, e.g. a schema nested past its recursion limit
+    except UnicodeEncodeError:
+        raise ConstraintError(f"invalid {what}: it holds a lone UTF-16 surrogate, which is not a character") from None
+    except ValueError as e:
         raise ConstraintError(f"invalid {what}: {_first_line(str(e))}") from None
     is_error, messages = LLMatcher.validate_grammar_with_warnings(serialized)
     if is_error:

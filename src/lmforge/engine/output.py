@@ -134,11 +134,14 @@ class OutputProcessor:
         self.finish_reason: str | None = None
         self.constraint = None  # the grammar state of params.constraint, which the sampler masks by
         if params.constraint is not None:
-            from lmforge.engine.constraints import Constraint
+            from lmforge.engine.constraints import Constraint, ConstraintError
 
             if tokenizer is None:
                 raise SamplingError("constrained decoding needs the model's tokenizer.", param="constraint")
-            self.constraint = Constraint(params.constraint, tokenizer)
+            try:
+                self.constraint = Constraint(params.constraint, tokenizer)
+            except ConstraintError as e:  # e.g. a grammar that can't match any text: the request's fault
+                raise SamplingError(str(e), param=e.param or "constraint") from None
 
     @property
     def text(self) -> str:

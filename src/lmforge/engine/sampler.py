@@ -98,8 +98,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not is_num(value) or not -2 <= value <= 2:
                 raise SamplingError(f"{name} must lie in [-2, 2] (0 turns it off), got {value!r}.", param=name)
-        if self.seed is not None and not is_int(self.seed):
-            raise SamplingError(f"seed must be an integer or None, got {self.seed!r}.", param="seed")
+        if self.seed is not None and (not is_int(self.seed) or not -(2**63) <= self.seed < 2**64):
+            raise SamplingError(f"seed must be a 64-bit integer (from -2**63 to 2**64 - 1) or None, got {self.seed!r}.", param="seed")
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise SamplingError(f"stop must be non-empty strings, got {s!r}.", param="stop")
@@ -124,8 +124,12 @@ def make_generator(params: SamplingParams, device=None, sample_index: int = 0) -
     if params.seed is None:
         return None
     g = torch.Generator(device=device or "cpu")
-    g.manual_seed(params.seed + sample_index)
+    g.manual_seed((params.seed + sample_index) % 2**64)  # torch's seeds are 64-bit; it maps negative ones the same way
     return g
+
+
+_MAX_LONG = torch.iinfo(torch.long).max
+_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass
@@ -155,9 +159,10 @@ class SamplingBatch:
 
         greedy = [p.greedy for p in params]
         return cls(
-            temperature=torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=device),
+            # (a temperature that float32 rounds to 0 would divide by zero: the smallest normal float32 instead)
+            temperature=torch.tensor([1.0 if g else max(p.temperature, _TINY) for p, g in zip(params, greedy)], device=device),
             greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            top_k=col("top_k", torch.long),
+            top_k=torch.tensor([min(p.top_k, _MAX_LONG) for p in params], dtype=torch.long, device=device),  # k >= V: all
             top_p=col("top_p"),
             min_p=col("min_p"),
             repetition_penalty=col("repetition_penalty"),
@@ -203,7 +208,8 @@ def apply_penalties(
     generated = output_counts > 0
     seen = generated if prompt_mask is None else generated | prompt_mask
     rp = batch.repetition_penalty[:, None]
-    penalised = torch.where(logits > 0, logits / rp, logits * rp)
+    big = torch.finfo(logits.dtype).max  # a penalty near 0 (or 0 once in float32) must not make a logit +inf: NaN in softmax
+    penalised = torch.where(logits > 0, logits / rp, logits * rp).clamp(-big, big)
     logits = torch.where(seen, penalised, logits)
     logits -= batch.presence_penalty[:, None] * generated + batch.frequency_penalty[:, None] * output_counts
     return logits
@@ -270,7 +276,9 @@ def sample(
     if batch.all_greedy:
         ids = argmax(logits)
     else:
-        scaled = filter_logits(logits / batch.temperature[:, None], batch)
+        # the row's maximum subtracted first (softmax doesn't change): a tiny temperature then sends the
+        # others to -inf instead of every logit to +-inf, whose softmax is NaN and whose draw is token 0
+        scaled = filter_logits((logits - logits.amax(-1, keepdim=True)) / batch.temperature[:, None], batch)
         probs = scaled.softmax(-1)
         # Exponential race: argmax(p / q) with q ~ Exp(1) draws index i with probability p_i,
         # like torch.multinomial, but vectorised over rows that each have their own generator.
