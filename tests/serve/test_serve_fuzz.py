@@ -677,12 +677,12 @@ def test_fuzz_every_endpoint(fuzz_server, server_log, capsys):
 # Each was a 500 when found. Fixed in the engine: seeds and top_k past 64 bits (sampler.py), a grammar
 # that matches nothing (output.py), NaN / too deep / lone surrogates in a schema, regex or grammar
 # (constraints.py), a tiny temperature or a repetition penalty near 0 under a grammar (sampler.py: they
-# drew a masked token and failed the engine step of the whole batch). Still 500 today, in server.py,
-# which reads bodies by hand (being rewritten on pydantic models): RecursionError and ValueError escape
-# read_body's json.loads, OverflowError escapes _is_num, a lone surrogate reaches the tokenizer
-# (TypeError) or an error message JSONResponse can't encode (UnicodeEncodeError). Still 500 today, in
-# the engine core: a grammar llguidance finds too complex only while decoding fails the engine step
-# (and every request batched with it) instead of its own sequence.
+# drew a masked token and failed the engine step of the whole batch). Fixed by the pydantic request
+# models (serve/protocol.py): RecursionError and ValueError escaping json.loads, OverflowError on
+# numbers past float range, a lone surrogate reaching the tokenizer (TypeError) or an error message
+# that JSONResponse can't encode (UnicodeEncodeError). Fixed in the engine core: a grammar llguidance
+# finds too complex only while decoding fails its own request, with a 400 (constraints.py raises a
+# ConstraintError, core.py ends that request only), not the engine step of the whole batch.
 def _body(**fields) -> bytes:
     return json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 3, **fields}).encode()
 
@@ -706,7 +706,7 @@ REPRODUCERS = [  # (name, path, body, the status wanted: "4xx" or 200)
     # fixed in the engine
     ("seed past 64 bits", "/v1/completions", _body(seed=2**64), "4xx"),
     ("seed below -2**63", "/v1/completions", _body(seed=-(2**70)), "4xx"),
-    ("top_k past 64 bits", "/v1/completions", _body(top_k=2**70), 200),
+    ("top_k past 64 bits", "/v1/completions", _body(top_k=2**70), "4xx"),  # the protocol bounds it; the sampler clamps it too
     ("grammar that matches nothing", "/v1/completions", _body(guided_grammar="start: start"), "4xx"),
     ("NaN in a JSON schema", "/v1/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": 2, "guided_json": {"enum": [NaN]}}', "4xx"),
     ("JSON schema 200 deep", "/v1/completions",

@@ -167,7 +167,12 @@ class Constraint:
         if token in self.eos_ids and self.is_done:
             return
         if not self._matcher.consume_token(int(token)):
-            raise RuntimeError(f"token {token} violates the {self.grammar.kind}: {self._matcher.get_error()}")
+            error, kind = self._matcher.get_error(), self.grammar.kind.replace("_", " ")
+            if "doesn't satisfy the grammar" in error:  # a token the mask forbade: the caller's bug
+                raise RuntimeError(f"token {token} violates the {kind}: {error}")
+            # an allowed token the grammar could not take (llguidance's lexer limits on a pathological
+            # regex, say): the request's fault, which ends that request only (a 400)
+            raise ConstraintError(f"the {kind} could not be followed past token {token}: {_first_line(error)}")
 
     def rollback(self, n: int) -> None:
         """Forget the last n tokens (speculative decoding)."""

@@ -83,6 +83,12 @@ class SequenceOutput:
     num_output_tokens: int
     error: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with a sequence's first output, if asked: None first
+    error_status: int | None = None  # with an error: 400 when the request caused it (its grammar, its parameters), else 500
+
+
+def failure(e: Exception) -> tuple[str, int]:
+    """(message, HTTP status) of an exception that ended a request inside the engine step."""
+    return f"{type(e).__name__}: {e}", 400 if isinstance(e, UserError) else 500
 
 
 @dataclass
@@ -97,6 +103,7 @@ class SeqResult:
     num_prompt_tokens: int = 0
     error: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    error_status: int | None = None
 
     def add(self, out: SequenceOutput) -> None:
         if out.prompt_logprobs is not None:
@@ -105,7 +112,7 @@ class SeqResult:
         self.token_ids += out.token_ids
         if out.logprobs is not None:
             self.logprobs = (self.logprobs or []) + out.logprobs
-        self.finish_reason, self.error = out.finish_reason, out.error
+        self.finish_reason, self.error, self.error_status = out.finish_reason, out.error, out.error_status
         self.num_prompt_tokens = out.num_prompt_tokens
 
 
@@ -326,7 +333,7 @@ class Engine:
         if len(units) == 1:
             seq = (decodes or [prefills[0][0]])[0]
             log.error("engine step failed for request %s: %s", seq.request.id, error, exc_info=error)
-            self._finish_request(seq.request, "error", outputs, error=f"{type(error).__name__}: {error}")
+            self._finish_request(seq.request, "error", outputs, error=failure(error))
             return
         log.warning("engine step of %d sequences failed (%s: %s); running them one by one", len(units),
                     type(error).__name__, error)  # fmt: skip
@@ -338,7 +345,7 @@ class Engine:
                 self._run(d, p, outputs)
             except Exception as e:
                 log.error("request %s failed in the engine step: %s", seq.request.id, e, exc_info=e)
-                self._finish_request(seq.request, "error", outputs, error=f"{type(e).__name__}: {e}")
+                self._finish_request(seq.request, "error", outputs, error=failure(e))
 
     def _intake(self, outputs) -> None:
         with self._cv:
@@ -443,7 +450,7 @@ class Engine:
                 text = seq.out.accept(tok)  # the finish rule
             except Exception as e:
                 log.error("request %s failed on its token %d: %s", req.id, tok, e, exc_info=e)
-                self._finish_request(req, "error", outputs, error=f"{type(e).__name__}: {e}")
+                self._finish_request(req, "error", outputs, error=failure(e))
                 continue
             reason = seq.out.finish_reason
             output = self._output(seq, text, [tok], lp, reason)
@@ -466,11 +473,14 @@ class Engine:
         if all(s.finish_reason is not None for s in req.seqs):
             self._requests.pop(req.id, None)
 
-    def _finish_request(self, req: Request, reason: str, outputs, error: str | None = None) -> None:
+    def _finish_request(self, req: Request, reason: str, outputs, error: tuple[str, int] | None = None) -> None:
+        """End every unfinished sequence of ``req``; ``error``: (message, HTTP status) for reason "error"."""
         for seq in req.seqs:
             if seq.finish_reason is None:
                 self._retire(seq, reason)
-                outputs.append((req, self._output(seq, "", [], None, reason, error)))
+                out = self._output(seq, "", [], None, reason, error[0] if error else None)
+                out.error_status = error[1] if error else None
+                outputs.append((req, out))
         self._requests.pop(req.id, None)
 
     def _emit(self, outputs: list[tuple[Request, SequenceOutput]]) -> None:
@@ -509,7 +519,7 @@ class Engine:
                 log.exception("engine step crashed; failing every request in flight")
                 outputs = []
                 for req in list(self._requests.values()):
-                    self._finish_request(req, "error", outputs, error="internal engine error")
+                    self._finish_request(req, "error", outputs, error=("internal engine error", 500))
                 self._emit(outputs)
 
     def shutdown(self) -> None:

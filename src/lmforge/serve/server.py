@@ -649,7 +649,7 @@ async def _generate(request: Request, state: Server, spec: Spec, name: str, *, c
             if out.prompt_logprobs is not None:
                 c["prompt_lps"] = out.prompt_logprobs
             if out.finish_reason is not None:
-                c["reason"], c["error"] = out.finish_reason, out.error
+                c["reason"], c["error"] = out.finish_reason, (out.error, out.error_status or 500)
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -666,9 +666,10 @@ async def _generate(request: Request, state: Server, spec: Spec, name: str, *, c
     if not collector.done() or collector.cancelled():
         return JSONResponse(error_body("client disconnected"), status_code=499)
     collector.result()
-    errors = [c["error"] for c in choices.values() if c["reason"] == "error"]
-    if errors:
-        raise APIError(500, f"generation failed: {errors[0]}", None, None, "server_error")
+    errors = sorted((c["error"] for c in choices.values() if c["reason"] == "error"), key=lambda e: -e[1])
+    if errors:  # the request's own fault (e.g. its grammar gave out while decoding) is a 400, the server's a 500
+        message, status = errors[0]
+        raise APIError(status, f"generation failed: {message}", None, None, _error_type(status))
     if spec.max_tokens == 0:  # echo only: drop the one token generated
         for c in choices.values():
             c.update(text="", ids=[], lps=[], reason="length")
@@ -697,6 +698,10 @@ async def _generate(request: Request, state: Server, spec: Spec, name: str, *, c
              "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": name,
             "choices": out_choices, "usage": usage}  # fmt: skip
+
+
+def _error_type(status: int) -> str:
+    return "server_error" if status >= 500 else "invalid_request_error"
 
 
 def _logprobs(state: Server, lps, chat: bool, top: int, text_offset: int = 0) -> dict:
@@ -741,7 +746,7 @@ async def _stream_events(state: Server, pending: Pending, spec: Spec, rid: str, 
             index = k * n + out.index
             completion_tokens += len(out.token_ids)
             if out.finish_reason == "error":
-                yield "data: " + json.dumps(error_body(f"generation failed: {out.error}", "server_error")) + "\n\n"
+                yield "data: " + json.dumps(error_body(f"generation failed: {out.error}", _error_type(out.error_status or 500))) + "\n\n"
                 continue
             if out.finish_reason == "abort":
                 continue
