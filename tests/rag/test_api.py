@@ -1,5 +1,6 @@
 """POST /v1/rag/query on a standalone FastAPI app (TestClient)."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -8,7 +9,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from lmforge.checkpoints import default_model_path
-from lmforge.rag.api import install_error_handler, rag_router
+from lmforge.serve.errors import install_error_handlers
+from lmforge.serve.rag_route import rag_router
 from lmforge.rag.store import StoreError
 from lmforge.tokenizer import load_tokenizer
 
@@ -19,7 +21,7 @@ from serve_helpers import tiny_model  # noqa: E402
 @pytest.fixture(scope="module")
 def client(corpus_db, embedder):
     app = FastAPI()
-    install_error_handler(app)
+    install_error_handlers(app)
     router = rag_router(corpus_db, embedder, tiny_model(max_seq_len=2048), load_tokenizer(default_model_path()))
     app.include_router(router)
     with TestClient(app) as c:
@@ -53,14 +55,18 @@ def test_answer_with_cited_sources(client):
 
 @pytest.mark.parametrize(
     "body, param",
-    [({"query": "x", "k": 0}, "k"), ({"query": "x", "mode": "fuzzy"}, "mode"), ({"query": "x", "types": ["docx"]}, "types.0"),
-     ({"query": "x", "colour": "red"}, "colour"), ({"k": 3}, "query"), ({"query": "x", "mmr": 1.5}, "mmr")],
+    [({"query": "x", "k": 0}, "k"), ({"query": "x", "mode": "fuzzy"}, "mode"), ({"query": "x", "types": ["docx"]}, "types"),
+     ({"query": "x", "colour": "red"}, "colour"), ({"k": 3}, "query"), ({"query": "x", "mmr": 1.5}, "mmr"),
+     ({"query": "x", "k": True}, "k"), ({"query": "x", "seed": 2**64}, "seed"), ({"query": "x", "temperature": 1e400}, "temperature"),
+     ({"query": "\ud800"}, "query"), ({"query": "x", "path": "a\udfff"}, "path"), ({"query": "x", "answer": 1}, "answer")],
 )  # fmt: skip
 def test_bad_requests_get_400_naming_the_field(client, body, param):
-    r = client.post("/v1/rag/query", json=body)
-    assert r.status_code == 400
+    """The same strict types and one-sentence errors as the OpenAI routes (serve/protocol.py, serve/errors.py)."""
+    raw = json.dumps(body).replace("Infinity", "1e400").encode()  # lone surrogates stay \\u escapes
+    r = client.post("/v1/rag/query", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
     err = r.json()["error"]
-    assert err["param"] == param and param in err["message"]
+    assert err["param"] == param and f"'{param}" in err["message"]
 
 
 def test_missing_database_fails_at_startup(tmp_path, embedder):

@@ -8,8 +8,9 @@
 Pieces: ``loaders`` (.txt .md .html .pdf -> blocks), ``chunking`` (token-aware, headings kept),
 ``embed`` (MiniLM through lmforge's encoder), ``store`` (apsw + sqlite-vec + FTS5), ``index``
 (incremental re-index, deletes), ``retrieve`` (BM25, vectors, RRF, MMR, filters), ``answer``
-(cited answers through ``lmforge.generate``), ``api`` (FastAPI router), ``eval`` (Shakespeare
-retrieval benchmark), ``cli`` (``lmforge rag``).
+(cited answers through ``lmforge.generate``), ``eval`` (Shakespeare
+retrieval benchmark), ``cli`` (``lmforge rag``). The HTTP route, ``POST /v1/rag/query``, is
+``lmforge.serve.rag_route``.
 """
 
 from __future__ import annotations

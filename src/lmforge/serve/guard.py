@@ -17,14 +17,15 @@ from __future__ import annotations
 import hmac
 import json
 
+from lmforge.serve.errors import error_body
+
 OPEN_PATHS = frozenset({"/health", "/"})
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 def _error(status: int, message: str, type: str, code: str | None = None) -> tuple[int, bytes]:
-    body = {"error": {"message": message, "type": type, "param": None, "code": code}}
-    return status, json.dumps(body).encode()
+    return status, json.dumps(error_body(message, type, None, code)).encode()
 
 
 class RequestGuard:

@@ -1,6 +1,7 @@
 """``POST /v1/rag/query`` as a FastAPI router over one database.
 
     app.include_router(rag_router("plays.db"))          # on lmforge's server, or any FastAPI app
+    install_error_handlers(app)                          # (from lmforge.serve.errors) a standalone app: 400s in OpenAI's body
 
 Request body (JSON; unknown fields are refused):
 
@@ -19,31 +20,28 @@ from typing import Literal
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from lmforge.rag.answer import Answerer
 from lmforge.rag.retrieve import Retriever
+from lmforge.serve.protocol import SEED_END, SEED_MIN, Int, NonEmptyText, Num, Text
 
 
 class RagQuery(BaseModel):
+    """The body of ``POST /v1/rag/query``, checked as strictly as the OpenAI routes' (serve/protocol.py)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    query: str = Field(min_length=1)
-    k: int = Field(5, ge=1, le=100)
+    query: NonEmptyText
+    k: Int = Field(5, ge=1, le=100)
     mode: Literal["hybrid", "bm25", "vector"] = "hybrid"
-    path: str | None = None
+    path: Text | None = None
     types: list[Literal["txt", "md", "html", "pdf"]] | None = None
-    mmr: float | None = Field(None, ge=0, le=1)
-    answer: bool = True
-    max_tokens: int = Field(256, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0, le=2)
-    seed: int | None = None
-
-
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}},
-                        status_code=status)  # fmt: skip
+    mmr: Num | None = Field(None, ge=0, le=1)
+    answer: StrictBool = True
+    max_tokens: Int = Field(256, ge=1, le=4096)
+    temperature: Num = Field(0.0, ge=0, le=2)
+    seed: Int | None = Field(None, ge=SEED_MIN, lt=SEED_END)
 
 
 def rag_router(db: str | Path | Retriever, embedder=None, model=None, tokenizer=None, max_context_tokens: int = 2048) -> APIRouter:
@@ -69,16 +67,3 @@ def rag_router(db: str | Path | Retriever, embedder=None, model=None, tokenizer=
 
     router.retriever = retriever  # so the app can close it at shutdown
     return router
-
-
-def install_error_handler(app) -> None:
-    """Answer request-validation errors with 400 and OpenAI's error body naming the field (lmforge's
-    server already does this for every route; a standalone app calls this)."""
-    from fastapi.exceptions import RequestValidationError
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request, exc: RequestValidationError):
-        err = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        return _error(400, f"'{param}': {err.get('msg', 'invalid value')}." if param else err.get("msg", "invalid request body."), param)
