@@ -102,3 +102,28 @@ def test_the_trainer_takes_its_loss_on_the_answers_only(tmp_path):
     assert not torch.isclose(t.loss(t.raw, batch), nll.mean())
     loss = t.train_step()  # the step trains on the same batch 0
     torch.testing.assert_close(loss, nll[w > 0].mean().detach())
+
+
+class PerToken(torch.nn.Module):
+    """Logits that depend on each token alone: a sequence's shards give the logits of the whole."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, input_ids, position_ids=None):
+        return self.emb(input_ids)
+
+
+def test_context_parallel_shards_add_up_to_the_weighted_loss():
+    from lmforge.parallel.context import ContextParallel
+
+    torch.manual_seed(0)
+    model = PerToken(13)
+    ids = torch.randint(0, 13, (2, 8))
+    labels = torch.randint(0, 13, (2, 8))
+    weights = torch.rand(2, 8) * (torch.rand(2, 8) > 0.5)
+    batch = {"input_ids": ids, "labels": labels, "loss_weights": weights}
+    shards = [ContextParallel(size=2, dp_size=1, dp_rank=0, cp_rank=r).loss(model, batch, training=False) for r in (0, 1)]
+    torch.testing.assert_close(sum(shards), compute_loss(model, batch))
+    assert not torch.isclose(sum(shards), compute_loss(model, {"input_ids": ids, "labels": labels}))
