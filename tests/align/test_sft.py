@@ -84,6 +84,7 @@ def test_full_finetuning_with_packing_exports_a_checkpoint(work, tmp_path):
         ("no_template", r"is chat data but the tokenizer of .*plain has no chat template; set chat_template"),
         ("bad_target", r"lora_targets: 'qkv_proj' names no module of this llama model"),
         ("bad_key", r"unknown config key 'lora_rank'; did you mean lora_r"),
+        ("answer_prefix", r"answer_prefix weighs a pretraining corpus; SFT already takes its loss on the assistant tokens"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_sentence_exit_2_nothing_written(work, tmp_path, capsys, case, message):
@@ -93,7 +94,8 @@ def test_bad_input_is_one_sentence_exit_2_nothing_written(work, tmp_path, capsys
              "no_assistant": [{"messages": [{"role": "user", "content": "hi"}]}]}.get(case, [good] * 4)  # fmt: skip
     data = write_jsonl(tmp_path / "bad.jsonl", lines)
     model = work / ("plain" if case == "no_template" else "model")
-    extra = {"bad_target": ["--lora_targets=qkv_proj"], "bad_key": ["--lora_rank=4"]}.get(case, [])
+    extra = {"bad_target": ["--lora_targets=qkv_proj"], "bad_key": ["--lora_rank=4"],
+             "answer_prefix": ["--answer_prefix=A: "]}.get(case, [])  # fmt: skip
     recipe = sft_recipe(tmp_path, model)
     code = main(["sft", str(recipe), "--data", str(data), "--out", str(tmp_path / "out"), *FAST, *extra])
     err = capsys.readouterr().err

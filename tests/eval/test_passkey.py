@@ -123,8 +123,9 @@ def test_cli_writes_reports_and_a_plot(tmp_path, capsys):
     assert "is not a comma-separated list of whole numbers" in capsys.readouterr().err
 
 
-def test_extension_recipe_starts_from_the_base_model(tmp_path):
-    """The two recipes chain: the 1024 fine-tune loads the 256 run's weights and tokenizer, with PI positions."""
+def test_the_three_recipes_chain(tmp_path):
+    """The curriculum chains: 128 -> 256 -> 1024, each step loading the previous run's weights and
+    tokenizer (the 1024 fine-tune with YaRN positions), every step weighting the key digits."""
     from lmforge.checkpoints import load_model
     from lmforge.train import load_recipe, pretrain
     from lmforge.train.distributed import init_distributed
@@ -134,15 +135,26 @@ def test_extension_recipe_starts_from_the_base_model(tmp_path):
     small = ["--n_layer=1", "--n_embd=32", "--n_head=2", "--d_ff=64", "--batch_size=2", "--max_iters=2", "--warmup_iters=1",
              "--eval_interval=0", "--eval_iters=1", "--progress=false", "--tensorboard=false"]  # fmt: skip
     (tmp_path / "f.txt").write_text(FILLER * 20)
-    base = load_recipe(configs / "rope-passkey-256-cpu.yaml", small)
+    first = load_recipe(configs / "rope-passkey-128-cpu.yaml", small)
+    assert first.train.block_size == first.model["max_seq_len"] == 128
+    write_passkey_corpus(tmp_path / "f.txt", tmp_path / "c128.txt", length=128, samples=40)
+    pretrain(first.train, first.model, tmp_path / "c128.txt", tmp_path / "base128")
+    from_run = lambda run: [*small, f"--init_from={tmp_path / run}", f"--tokenizer={tmp_path / run}"]  # noqa: E731
+    base = load_recipe(configs / "rope-passkey-256-cpu.yaml", from_run("base128"))
     write_passkey_corpus(tmp_path / "f.txt", tmp_path / "c256.txt", length=256, samples=40)
-    pretrain(base.train, base.model, tmp_path / "c256.txt", tmp_path / "base")
-    ext = load_recipe(configs / "rope-passkey-extend-1024-cpu.yaml",
-                      [*small, f"--init_from={tmp_path / 'base'}", f"--tokenizer={tmp_path / 'base'}"])  # fmt: skip
+    trainer = Trainer(base.train, base.model, tmp_path / "c256.txt", tmp_path / "base", init_distributed("cpu", "ddp"))
+    source = load_model(tmp_path / "base128").state_dict()
+    for name, tensor in trainer.raw.state_dict().items():
+        torch.testing.assert_close(tensor, source[name], msg=name)
+    trainer.run()
+    ext = load_recipe(configs / "rope-passkey-extend-1024-cpu.yaml", from_run("base"))
     write_passkey_corpus(tmp_path / "f.txt", tmp_path / "c1024.txt", length=1024, samples=12)
     trainer = Trainer(ext.train, ext.model, tmp_path / "c1024.txt", tmp_path / "ext", init_distributed("cpu", "ddp"))
-    assert trainer.model_config.max_seq_len == 1024 and trainer.model_config.rope_scaling == {"type": "linear", "factor": 4.0}
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+    assert trainer.model_config.max_seq_len == 1024 and trainer.model_config.rope_scaling == yarn
     assert trainer.block_size == 1024
     source = load_model(tmp_path / "base").state_dict()
     for name, tensor in trainer.raw.state_dict().items():
         torch.testing.assert_close(tensor, source[name], msg=name)
+    w = trainer.train_batch(0)["loss_weights"]  # one sample per window: its 5 key digits and "." weigh 20
+    assert (w == 20).sum(1).tolist() == [6, 6] and ((w == 1) | (w == 20)).all()

@@ -137,6 +137,8 @@ class SFTTrainer(Trainer):
         from lmforge.tokenizer import load_tokenizer
 
         cfg, m = self.cfg, self.method
+        if cfg.answer_prefix is not None:
+            raise ConfigError("answer_prefix weighs a pretraining corpus; SFT already takes its loss on the assistant tokens only: remove it.")
         if m.finetune == "lora" and self.ctx.distributed and self.ctx.strategy == "fsdp":
             raise ConfigError("finetune=lora trains a few small matrices: use --strategy=ddp (FSDP shards whole models).")
         if data is None:

@@ -7,6 +7,12 @@
 
 Labels use ``IGNORE_INDEX`` (-100) where no loss is taken. Randomness comes only from the
 ``generator`` argument, so a batch is reproducible from its seed.
+
+The causal and prefix objectives can weight the loss of some tokens more than others
+(``answer_spans`` / ``Objective.answers``): the tokens after each occurrence of an answer prefix
+(e.g. "The pass key is ") up to and including the next answer end (e.g. ".") weigh
+``answer_weight``, every other label ``context_weight``; the batch then carries ``loss_weights``
+(B, T) beside its labels and the loss is the weighted mean sum(w * nll) / sum(w).
 """
 
 from __future__ import annotations
@@ -175,6 +181,53 @@ def reconstruct_spans(input_ids: Sequence[int], labels: Sequence[int], sentinel_
     return out
 
 
+# --- weighted answers ------------------------------------------------------------------------------
+def _occurrences(tokens: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: True at each position where ``pattern`` (P,) starts in ``tokens`` (B, L)."""
+    B, L = tokens.shape
+    P = pattern.numel()
+    found = torch.zeros(B, L, dtype=torch.bool)
+    if L >= P:
+        found[:, : L - P + 1] = (tokens.unfold(1, P, 1) == pattern.to(tokens.dtype)).all(-1)
+    return found
+
+
+def answer_spans(tokens: torch.Tensor, prefix: Sequence[int], end: Sequence[int]) -> torch.Tensor:
+    """(B, L) bool over ``tokens`` (B, L): the tokens after each occurrence of ``prefix``, up to and
+    including the next occurrence of ``end`` (to the row's end when none follows in the window).
+
+        tokens   T h e   k e y   i s   4 8 2 1 3 .   B y e        prefix "key is ", end "."
+        spans                          1 1 1 1 1 1
+    """
+    if not prefix or not end:
+        raise DataError("an answer span needs a non-empty prefix and end.")
+    B, L = tokens.shape
+    starts = _occurrences(tokens, torch.tensor(list(prefix)))
+    ends = _occurrences(tokens, torch.tensor(list(end)))
+    spans = torch.zeros(B, L, dtype=torch.bool)
+    for b, s in starts.nonzero().tolist():
+        first = s + len(prefix)
+        after = ends[b, first:].nonzero()
+        stop = first + int(after[0]) + len(end) if after.numel() else L
+        spans[b, first : min(stop, L)] = True
+    return spans
+
+
+@dataclass
+class AnswerWeights:
+    """Loss weights from the corpus format: answer tokens (``answer_spans``) weigh ``answer``, the rest ``context``."""
+
+    prefix: tuple[int, ...]
+    end: tuple[int, ...]
+    answer: float = 1.0
+    context: float = 1.0
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T+1) -> weights (B, T) of the labels tokens[:, 1:]."""
+        spans = answer_spans(tokens, self.prefix, self.end)[:, 1:]
+        return torch.where(spans, self.answer, self.context).float()
+
+
 # --- choosing one ----------------------------------------------------------------------------------
 @dataclass
 class Objective:
@@ -184,9 +237,13 @@ class Objective:
     window: int  # tokens per raw window
     fn: Callable[[torch.Tensor, torch.Generator | None], dict[str, torch.Tensor]]
     decoder_length: int | None = None  # span corruption: target length
+    answers: AnswerWeights | None = None  # causal / prefix: per-label loss weights ("loss_weights")
 
     def __call__(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        return self.fn(tokens, generator)
+        batch = self.fn(tokens, generator)
+        if self.answers is not None:
+            batch["loss_weights"] = self.answers(tokens)
+        return batch
 
 
 def make_objective(
@@ -199,12 +256,16 @@ def make_objective(
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
     decoder_start_id: int | None = None,
+    answers: AnswerWeights | None = None,
 ) -> Objective:
-    """The objective ``name`` (one of OBJECTIVES) for model inputs of ``block_size`` tokens."""
+    """The objective ``name`` (one of OBJECTIVES) for model inputs of ``block_size`` tokens;
+    ``answers`` (causal and prefix only) adds per-label loss weights to every batch."""
+    if answers is not None and name not in ("causal", "prefix"):
+        raise DataError(f"answer loss weights work with the causal and prefix objectives, not objective={name}; remove answer_prefix.")
     if name == "causal":
-        return Objective(name, block_size + 1, lambda t, g: causal_lm(t))
+        return Objective(name, block_size + 1, lambda t, g: causal_lm(t), answers=answers)
     if name == "prefix":
-        return Objective(name, block_size + 1, lambda t, g: prefix_lm(t, generator=g))
+        return Objective(name, block_size + 1, lambda t, g: prefix_lm(t, generator=g), answers=answers)
     if name == "mlm":
         if specials.mask is None:
             raise DataError(

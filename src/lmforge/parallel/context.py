@@ -18,10 +18,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lmforge.config import ConfigError, ModelConfig
-from lmforge.data import IGNORE_INDEX
 from lmforge.parallel.ring import RingAttend, check_divisible, zigzag_indices
 
 
@@ -69,14 +67,13 @@ class ContextParallel:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
         """This rank's share of the batch's mean cross-entropy (x N when training: see the module doc)."""
-        from lmforge.train.trainer import compute_loss
+        from lmforge.train.trainer import compute_loss, loss_normalizer, summed_loss
 
         if self.size == 1:
             return compute_loss(model, batch)
-        ids, labels = batch["input_ids"], batch["labels"]  # (B, T)
+        ids, labels, weights = batch["input_ids"], batch["labels"], batch.get("loss_weights")  # (B, T)
         pos = zigzag_indices(ids.shape[1], self.size, self.cp_rank, ids.device)  # (2c,) global positions
         logits = model(input_ids=ids[:, pos], position_ids=pos[None].expand(ids.shape[0], -1))  # (B, 2c, V)
-        mine = labels[:, pos].reshape(-1)
-        total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), mine, ignore_index=IGNORE_INDEX, reduction="sum")
-        loss = total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        total = summed_loss(logits, labels[:, pos], None if weights is None else weights[:, pos])
+        loss = total / loss_normalizer(labels, weights)  # the whole sequence's label count (or weight)
         return loss * self.size if training else loss

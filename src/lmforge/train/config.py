@@ -44,6 +44,11 @@ class TrainConfig:
     mlm_probability: float = 0.15
     noise_density: float = 0.15  # span corruption
     mean_noise_span_length: float = 3.0
+    # causal / prefix objective: per-token loss weights from the corpus format (lmforge.data.objectives.answer_spans):
+    answer_prefix: str | None = None  # text that introduces an answer, e.g. "What is the pass key? The pass key is "
+    answer_end: str = "\n"  # the answer runs up to and including the next occurrence of this text
+    answer_weight: float = 1.0  # loss weight of the answer tokens
+    context_weight: float = 1.0  # loss weight of every other token (0: loss on the answers only)
 
     # --- batch ---------------------------------------------------------------------------------
     batch_size: int = 12  # sequences per micro-batch, per process
@@ -117,6 +122,15 @@ class TrainConfig:
             raise ConfigError(f"beta1={self.beta1} and beta2={self.beta2} must lie in [0, 1).")
         if not 0 < self.val_fraction < 1:
             raise ConfigError(f"val_fraction={self.val_fraction} must lie strictly between 0 and 1.")
+        if self.answer_weight <= 0 or self.context_weight < 0:
+            raise ConfigError(f"answer_weight={self.answer_weight} must be positive and context_weight={self.context_weight} not negative.")
+        if self.answer_prefix is None and (self.answer_weight != 1 or self.context_weight != 1):
+            raise ConfigError("answer_weight and context_weight weigh the tokens after answer_prefix; set answer_prefix too.")
+        if self.answer_prefix is not None:
+            if not self.answer_prefix or not self.answer_end:
+                raise ConfigError("answer_prefix and answer_end must not be empty texts.")
+            if self.objective not in ("causal", "prefix"):
+                raise ConfigError(f"answer_prefix weighs next-token labels: use objective causal or prefix, not {self.objective}.")
         if not 0 < self.mlm_probability < 1 or not 0 < self.noise_density < 1 or self.mean_noise_span_length < 1:
             raise ConfigError("mlm_probability and noise_density must lie in (0, 1), mean_noise_span_length at least 1.")
 

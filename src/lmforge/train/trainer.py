@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from lmforge.config import ConfigError, ModelConfig
 from lmforge.data import (
     IGNORE_INDEX,
+    AnswerWeights,
     DataError,
     RandomWindows,
     SequentialWindows,
@@ -186,6 +187,20 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), kind, kind == "float16"
 
 
+def answer_weights(cfg: TrainConfig, tokenizer) -> AnswerWeights | None:
+    """The per-label loss weights of ``cfg.answer_prefix`` (None without one), its texts as token ids."""
+    if cfg.answer_prefix is None:
+        return None
+    from lmforge.tokenizer import TokenizerError
+
+    try:
+        prefix = tokenizer.encode(cfg.answer_prefix, add_special_tokens=False)
+        end = tokenizer.encode(cfg.answer_end, add_special_tokens=False)
+    except TokenizerError as e:
+        raise ConfigError(f"answer_prefix/answer_end cannot be tokenized: {e}") from None
+    return AnswerWeights(tuple(prefix), tuple(end), cfg.answer_weight, cfg.context_weight)
+
+
 def enable_activation_checkpointing(model: torch.nn.Module) -> int:
     """Recompute each block's activations in the backward pass instead of storing them."""
     from torch.utils.checkpoint import checkpoint
@@ -199,13 +214,34 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
-def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the labelled positions (labels == -100 are ignored)."""
-    labels = batch["labels"]
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"})
+_NOT_INPUTS = ("labels", "loss_weights")
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The summed cross-entropy of the labelled positions (labels == -100 are ignored), each
+    multiplied by its weight when ``weights`` (the shape of ``labels``) is given."""
     labels = labels.reshape(-1)
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    logits = logits.reshape(-1, logits.size(-1)).float()
+    if weights is None:
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    nll = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return (nll * weights.reshape(-1).to(nll.dtype)).sum()
+
+
+def loss_normalizer(labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """What ``summed_loss`` is divided by: the number of labelled positions, or their total weight."""
+    labelled = labels != IGNORE_INDEX
+    total = labelled.sum() if weights is None else (weights.float() * labelled).sum()
+    return total.clamp(min=1) if weights is None else total.clamp(min=1e-12)
+
+
+def compute_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the labelled positions (labels == -100 are ignored); with
+    ``loss_weights`` in the batch (B, T, from TrainConfig.answer_prefix), the weighted mean
+    sum(w * nll) / sum(w)."""
+    labels, weights = batch["labels"], batch.get("loss_weights")
+    logits = model(**{k: v for k, v in batch.items() if k not in _NOT_INPUTS})
+    return summed_loss(logits, labels, weights) / loss_normalizer(labels, weights)
 
 
 # --- the trainer ---------------------------------------------------------------------------------------
@@ -300,6 +336,7 @@ class Trainer:
             cfg.objective, self.block_size, self.specials, self.model_config.vocab_size,
             mlm_probability=cfg.mlm_probability, noise_density=cfg.noise_density,
             mean_noise_span_length=cfg.mean_noise_span_length, decoder_start_id=self.model_config.decoder_start_token_id,
+            answers=answer_weights(cfg, self.tokenizer),
         )  # fmt: skip
         if self.objective.decoder_length and self.objective.decoder_length > self.model_config.max_seq_len:
             raise ConfigError(f"span corruption targets have {self.objective.decoder_length} tokens, above max_seq_len={self.model_config.max_seq_len}.")
