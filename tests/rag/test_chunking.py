@@ -1,4 +1,4 @@
-"""Chunking: token budget, heading paths, overlap, positions."""
+"""Chunking: token budget, heading paths, overlap, positions, and the windows inside chunks."""
 
 import pytest
 
@@ -81,6 +81,27 @@ def test_pdf_pages_in_position():
     assert (c.page, c.end_page, c.position) == (1, 2, "pp. 1-2")
 
 
+def test_windows_partition_the_lines_and_fit_their_budget():
+    blocks = play()
+    chunks = chunk_blocks(blocks, words, max_tokens=64, overlap=12, window_tokens=20)
+    for c in chunks:
+        assert c.windows
+        chunk_lines = c.text.split("\n")
+        for w in c.windows:
+            assert c.start_line <= w.start_line <= w.end_line <= c.end_line
+            assert all(ln in chunk_lines for ln in w.text.split("\n"))
+            assert w.n_tokens == words(w.text) and (w.n_tokens <= 20 or "\n" not in w.text)
+        assert [w.start_line for w in c.windows] == sorted(w.start_line for w in c.windows)
+    # every source line is in exactly one window, in order: the overlap repeated by a chunk is not windowed again
+    windowed = [ln for c in chunks for w in c.windows for ln in w.text.split("\n")]
+    assert windowed == [ln for b in blocks if not b.level for ln in b.text.split("\n")]
+    assert sum(len(c.windows) for c in chunks) > len(chunks)  # several windows a chunk at this size
+    one = chunk_blocks(blocks, words, max_tokens=64, overlap=12, window_tokens=1)
+    assert all(w.start_line == w.end_line and "\n" not in w.text for c in one for w in c.windows)
+
+
 def test_bad_settings():
     with pytest.raises(ValueError, match="overlap"):
         chunk_blocks([], words, max_tokens=64, overlap=40)
+    with pytest.raises(ValueError, match="window_tokens"):
+        chunk_blocks([], words, max_tokens=64, overlap=0, window_tokens=0)

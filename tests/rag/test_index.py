@@ -24,8 +24,9 @@ class CountingEmbedder:
 
 
 def table_counts(db):
+    """[chunks, their FTS rows, windows, their vectors]."""
     with Store(db, create=False) as s:
-        return [s.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("chunks", "chunks_fts", "chunks_vec")]
+        return [s.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("chunks", "chunks_fts", "windows", "windows_vec")]
 
 
 def test_first_index_then_nothing_to_do(tmp_path, embedder):
@@ -33,9 +34,11 @@ def test_first_index_then_nothing_to_do(tmp_path, embedder):
     counting = CountingEmbedder(embedder)
     first = index_directory(root, db, counting, progress=False)
     assert sorted(first.added) == ["astronomy.pdf", "baking.html", "engines.txt", "notes/garden.md"]
-    assert first.embedded == first.chunks_new == first.chunks == len(counting.texts) > 0
+    assert first.chunks_new == first.chunks > 0 and first.windows_new == first.windows >= first.chunks
+    assert first.embedded == len(counting.texts) == len(set(counting.texts)) <= first.windows
+    assert first.embedded_tokens > first.embedded and first.embed_seconds > 0
     n = table_counts(db)
-    assert n == [first.chunks] * 3
+    assert n == [first.chunks, first.chunks, first.windows, first.windows]
     counting.texts.clear()
     again = index_directory(root, db, counting, progress=False)
     assert again.unchanged == 4 and not again.added and not again.updated and again.embedded == 0
@@ -51,11 +54,12 @@ def test_editing_one_file_reembeds_only_its_chunks(tmp_path, embedder):
     report = index_directory(root, db, counting, progress=False)
     assert report.updated == ["notes/garden.md"] and report.unchanged == 3
     assert counting.texts, "the edited chunks were embedded"
-    assert all(t.startswith("Garden guide") for t in counting.texts)  # every embedded text is the garden file's
+    garden_lines = set(garden.read_text().splitlines())
+    assert all(set(t.split("\n")) <= garden_lines for t in counting.texts)  # every embedded text is the garden file's
     assert any("every other day" in t for t in counting.texts) and any("Basil" in t for t in counting.texts)
     # the unchanged sections (intro, roses) came from the cache, not the model
     assert not any("Prune roses" in t for t in counting.texts)
-    assert report.embedded == len(counting.texts) < report.chunks_new
+    assert report.embedded == len(counting.texts) < report.windows_new
     with Store(db, create=False) as s:
         texts = [r[0] for r in s.conn.execute("SELECT text FROM chunks_fts")]
     assert any("every other day" in t for t in texts) and not any("twice a week" in t for t in texts)
@@ -70,7 +74,8 @@ def test_deleted_and_renamed_files(tmp_path, embedder):
     report = index_directory(root, db, counting, progress=False)
     assert sorted(report.removed) == ["baking.html", "engines.txt"] and report.added == ["bread.html"]
     assert counting.texts == []  # the renamed file's chunks came from the cache
-    assert report.chunks < before.chunks and table_counts(db) == [report.chunks] * 3
+    assert report.chunks < before.chunks and report.windows < before.windows
+    assert table_counts(db) == [report.chunks, report.chunks, report.windows, report.windows]
     with Store(db, create=False) as s:
         assert sorted(s.files()) == ["astronomy.pdf", "bread.html", "notes/garden.md"]
         assert not list(s.conn.execute("SELECT rowid FROM chunks_fts WHERE chunks_fts MATCH 'steam'"))
@@ -117,6 +122,35 @@ def test_rechunking_when_settings_change(tmp_path, embedder):
     index_directory(root, db, embedder, progress=False)
     report = index_directory(root, db, embedder, max_tokens=32, overlap=4, progress=False)
     assert len(report.updated) == 4 and report.unchanged == 0
+
+
+def test_changing_the_window_size_rechunks(tmp_path, embedder):
+    root, db = write_corpus(tmp_path / "docs"), tmp_path / "a.db"
+    before = index_directory(root, db, embedder, progress=False)
+    report = index_directory(root, db, embedder, window_tokens=4, progress=False)
+    assert len(report.updated) == 4 and report.windows > before.windows
+    assert table_counts(db)[2:] == [report.windows] * 2
+
+
+def test_a_database_of_an_older_schema_is_refused_then_rebuilt(tmp_path, embedder):
+    from lmforge.rag.retrieve import Retriever
+
+    root, db = write_corpus(tmp_path / "docs"), tmp_path / "a.db"
+    first = index_directory(root, db, embedder, progress=False)
+    with Store(db) as s:
+        s.conn.execute("DROP TABLE windows_vec")
+        s.conn.execute("DROP TABLE windows")
+        s.conn.execute("CREATE VIRTUAL TABLE chunks_vec USING vec0(embedding float[384] distance_metric=cosine)")
+        s.set_meta(schema="1")  # what an lmforge with one vector a chunk left behind
+    with pytest.raises(StoreError, match="older lmforge .*lmforge rag index DIR"):
+        Retriever.open(db, embedder)
+    report = index_directory(root, db, embedder, progress=False)
+    assert sorted(report.added) == sorted(first.added) and report.windows == first.windows
+    r = Retriever.open(db, embedder)
+    assert r.search("prune roses", k=1, mode="vector")[0].chunk.path == "notes/garden.md"
+    with Store(db) as s:
+        assert "chunks_vec" not in {x[0] for x in s.conn.execute("SELECT name FROM sqlite_master")}
+    r.close()
 
 
 def test_not_a_database(tmp_path):

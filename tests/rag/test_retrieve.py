@@ -97,3 +97,67 @@ def test_query_syntax_is_never_fts_syntax(retriever):
 def test_missing_database_says_how_to_build_it(tmp_path, embedder):
     with pytest.raises(StoreError, match=r"lmforge rag index DIR --db"):
         Retriever.open(tmp_path / "nope.db", embedder)
+
+
+KITCHEN_MD = """# Kitchen diary
+
+## Monday
+
+Knead the dough for ten minutes, then leave it to rise under a damp cloth.
+Chop two onions and fry them slowly in butter until they are golden.
+Simmer the tomato sauce with garlic and a bay leaf for an hour.
+Whisk the eggs with the sugar until pale, then fold in the flour.
+The blue whale is the largest animal that has ever lived on Earth.
+Grease the tin, pour in the batter and bake it for forty minutes.
+Let the bread cool on a rack before slicing it.
+"""
+
+
+def test_vector_search_finds_the_chunk_by_its_best_window(tmp_path, embedder):
+    """Small-to-big: one line about whales in a chunk about cooking. Embedded whole, that chunk is
+    further from the question than a chunk about elephants (mean pooling dilutes the line); ranked by
+    its best window, it comes first, and the whole chunk is what comes back."""
+    from lmforge.rag.index import index_directory
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "kitchen.md").write_text(KITCHEN_MD)
+    (docs / "zoo.md").write_text("# Zoo guide\n\nElephants are the heaviest animals you can see at the zoo today.\n")
+    report = index_directory(docs, tmp_path / "k.db", embedder, progress=False)
+    assert report.chunks == 2 and report.windows > report.chunks  # the kitchen chunk has several windows
+    question = "What is the largest animal that ever lived?"
+    r = Retriever.open(tmp_path / "k.db", embedder)
+    try:
+        chunks = r.store.chunks([1, 2])
+        whole = embedder.embed_texts([c.embed_text for c in chunks.values()])
+        q = embedder.embed_texts([question])[0]
+        by_whole = {c.path: float(v @ q) for c, v in zip(chunks.values(), whole)}
+        assert by_whole["zoo.md"] > by_whole["kitchen.md"]  # one vector a chunk would rank the zoo first
+        hits = r.search(question, k=2, mode="vector")
+        assert [h.chunk.path for h in hits] == ["kitchen.md", "zoo.md"]
+        assert "blue whale" in hits[0].chunk.text and "Knead the dough" in hits[0].chunk.text  # the big chunk
+        assert hits[0].score > by_whole["kitchen.md"]  # its score is its best window's cosine
+    finally:
+        r.close()
+
+
+def test_knn_looks_further_when_the_nearest_windows_share_a_chunk(tmp_path):
+    """Chunk A has 12 windows nearer than chunk B's only one: the first 4k = 8 windows are all A's,
+    so the search must fetch more to return k = 2 distinct chunks, A then B; filters still apply."""
+    from lmforge.rag.chunking import Chunk, Window
+
+    a = Chunk("a", "", 1, 12, windows=[Window(f"a{i}", i + 1, i + 1) for i in range(12)])
+    b = Chunk("b", "", 1, 1, windows=[Window("b", 1, 1)])
+    near = {f"a{i}": np.array([1.0, 0.01 * i], np.float32) for i in range(12)}
+    vectors = {h: v / np.linalg.norm(v) for h, v in {**near, "b": np.array([0.6, 0.8], np.float32)}.items()}
+    with Store(tmp_path / "s.db") as s:
+        s.create_tables(2)
+        s.add_file("a.txt", "txt", "0", 1, [a], [[w.text for w in a.windows]], vectors)
+        s.add_file("b.md", "md", "1", 1, [b], [["b"]], vectors)
+        got = s.knn(np.array([1.0, 0.0], np.float32), 2)
+        assert [s.chunks([i])[i].path for i, _ in got] == ["a.txt", "b.md"]
+        assert got[0][1] == pytest.approx(0.0, abs=1e-6) and got[1][1] == pytest.approx(0.4, abs=1e-6)
+        assert [s.chunks([i])[i].path for i, _ in s.knn(np.array([1.0, 0.0], np.float32), 2, kinds=["md"])] == ["b.md"]
+        assert len(s.knn(np.array([1.0, 0.0], np.float32), 5)) == 2  # only two chunks exist
+        mean = s.vectors([got[0][0]])[0]  # a chunk's vector for MMR: its windows' mean, normalised
+        assert np.linalg.norm(mean) == pytest.approx(1.0) and mean[1] > 0

@@ -72,13 +72,16 @@ class EncoderModel(TransformerModel):
 
     @torch.no_grad()
     def embed_tokens(self, input_ids, attention_mask=None, pooling: str | None = None, normalize: bool = True):
-        """Sentence embeddings (B, D): mean over real tokens or the first token, L2-normalised."""
-        h = self.hidden(input_ids, attention_mask)
+        """Sentence embeddings (B, D), float32: mean over real tokens or the first token, L2-normalised.
+        Pooling and the norm run in float32 whatever the model's dtype (in bf16 the pooled vector is
+        rounded and its norm misses 1 by up to ~0.5%)."""
+        h = self.hidden(input_ids, attention_mask).float()
         if (pooling or self.config.pooling) == "cls":
             e = h[:, 0]
+        elif attention_mask is None:
+            e = h.mean(1)
         else:
-            m = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-            m = m.unsqueeze(-1).to(h.dtype)
+            m = attention_mask.unsqueeze(-1).to(h.dtype)
             e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return F.normalize(e, p=2, dim=-1) if normalize else e
 

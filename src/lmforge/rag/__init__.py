@@ -5,7 +5,8 @@
     hits = Retriever.open("notes.db").search("query", k=5)   # hybrid BM25 + vectors (RRF)
     print(ask("question?", "notes.db").format())            # answer citing [n] sources
 
-Pieces: ``loaders`` (.txt .md .html .pdf -> blocks), ``chunking`` (token-aware, headings kept),
+Pieces: ``loaders`` (.txt .md .html .pdf -> blocks), ``chunking`` (token-aware, headings kept; windows of
+a line or two inside each chunk: the vectors are of windows, retrieval returns chunks),
 ``embed`` (MiniLM through lmforge's encoder), ``store`` (apsw + sqlite-vec + FTS5), ``index``
 (incremental re-index, deletes), ``retrieve`` (BM25, vectors, RRF, MMR, filters), ``answer``
 (cited answers through ``lmforge.generate``), ``eval`` (Shakespeare

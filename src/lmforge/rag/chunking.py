@@ -10,16 +10,34 @@ packed greedily; a paragraph that does not fit starts the next chunk when the cu
 least half full, else it is cut between lines (a single over-long line between words). Each chunk
 after the first in a section repeats up to ``overlap`` tokens of whole lines from the end of the one
 before, so a sentence on the boundary is found in both.
+
+Small-to-big: each chunk is also cut into ``Window``s, runs of whole lines of at most
+``window_tokens`` tokens (a line longer than that is a window alone). The windows of a chunk cover
+its own lines, not the ones it repeats from the chunk before (those belong to that chunk's windows),
+so the windows of a section partition its lines and each window belongs to one chunk. Windows are
+what the vector search embeds: a quoted line is then a large part of what it is compared with, not
+a tenth of a 128-token chunk diluted by mean pooling; the chunk holding the best window is what
+retrieval returns (BM25 and answers work on whole chunks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lmforge.rag.loaders import Block, Document
 
 SECTION_SEPARATOR = " > "
+
+
+@dataclass
+class Window:
+    """A few whole lines of a chunk: the unit the vector search embeds (small-to-big)."""
+
+    text: str
+    start_line: int
+    end_line: int
+    n_tokens: int = 0  # special tokens excluded
 
 
 @dataclass
@@ -31,6 +49,7 @@ class Chunk:
     page: int | None = None  # first page (PDF)
     end_page: int | None = None
     n_tokens: int = 0  # tokens of embed_text, special tokens excluded
+    windows: list[Window] = field(default_factory=list)  # its own lines (not the overlap), in order
 
     @property
     def embed_text(self) -> str:
@@ -69,23 +88,46 @@ def _split_long_line(text: str, line: int, page, budget: int, count: Callable[[s
     return [_Line(p, line, page, count(p), False) for p in pieces]
 
 
+def _windows(lines: list[_Line], window_tokens: int) -> list[Window]:
+    """Greedy runs of whole lines of at most ``window_tokens`` tokens (an over-long line alone)."""
+    out, run = [], []
+
+    def flush():
+        if run:
+            last = run[-1]
+            out.append(Window("\n".join(ln.text for ln in run), run[0].line, last.line + last.text.count("\n"),
+                              sum(ln.tokens for ln in run)))  # fmt: skip
+
+    for ln in lines:
+        if run and sum(x.tokens for x in run) + ln.tokens > window_tokens:
+            flush()
+            run = []
+        run.append(ln)
+    flush()
+    return out
+
+
 def chunk_blocks(blocks: list[Block], count_tokens: Callable[[str], int], max_tokens: int = 256,
-                 overlap: int = 32) -> list[Chunk]:  # fmt: skip
-    """Chunks of a document's blocks (see the module docstring). ``count_tokens(text)``: the
-    embedding tokenizer's count, special tokens excluded."""
+                 overlap: int = 32, window_tokens: int = 16) -> list[Chunk]:  # fmt: skip
+    """Chunks of a document's blocks, with their windows (see the module docstring).
+    ``count_tokens(text)``: the embedding tokenizer's count, special tokens excluded."""
     if max_tokens < 16:
         raise ValueError(f"max_tokens={max_tokens} is too small for a chunk (at least 16).")
     if not 0 <= overlap < max_tokens // 2:
         raise ValueError(f"overlap={overlap} must lie in [0, max_tokens/2).")
+    if window_tokens < 1:
+        raise ValueError(f"window_tokens={window_tokens} must be at least 1 (a window of one line).")
     chunks: list[Chunk] = []
     headings: list[tuple[int, str]] = []
     section, header, budget = "", 0, max_tokens
     current: list[_Line] = []
+    carried_n = 0  # how many of current's first lines were repeated from the chunk before
 
     def close(keep_overlap: bool) -> None:
-        nonlocal current
+        nonlocal current, carried_n
         if not current:
             return
+        own = current[carried_n:] or current  # a chunk of repeated lines only keeps them as its windows
         parts = []
         for i, ln in enumerate(current):
             parts.append(("\n\n" if ln.para_start and i else "\n" if i else "") + ln.text)
@@ -94,7 +136,7 @@ def chunk_blocks(blocks: list[Block], count_tokens: Callable[[str], int], max_to
         end_line = last.line + last.text.count("\n")
         pages = [ln.page for ln in current]
         chunks.append(Chunk(text, section, current[0].line, end_line, pages[0], pages[-1],
-                            sum(ln.tokens for ln in current) + header))  # fmt: skip
+                            sum(ln.tokens for ln in current) + header, _windows(own, window_tokens)))  # fmt: skip
         carried: list[_Line] = []
         if keep_overlap and overlap:
             used = 0
@@ -103,7 +145,7 @@ def chunk_blocks(blocks: list[Block], count_tokens: Callable[[str], int], max_to
                     break
                 carried.insert(0, ln)
                 used += ln.tokens
-        current = carried
+        current, carried_n = carried, len(carried)
 
     def used() -> int:
         return sum(ln.tokens for ln in current)
@@ -134,11 +176,13 @@ def chunk_blocks(blocks: list[Block], count_tokens: Callable[[str], int], max_to
                 close(keep_overlap=True)
                 while current and used() + ln.tokens > budget:  # overlap too large for this line
                     current.pop(0)
+                    carried_n = max(carried_n - 1, 0)
             current.append(ln)
     close(keep_overlap=False)
     return chunks
 
 
-def chunk_document(doc: Document, count_tokens: Callable[[str], int], max_tokens: int = 256, overlap: int = 32) -> list[Chunk]:
-    """Chunks of a loaded document (see ``chunk_blocks``)."""
-    return chunk_blocks(doc.blocks, count_tokens, max_tokens, overlap)
+def chunk_document(doc: Document, count_tokens: Callable[[str], int], max_tokens: int = 256, overlap: int = 32,
+                   window_tokens: int = 16) -> list[Chunk]:  # fmt: skip
+    """Chunks of a loaded document, with their windows (see ``chunk_blocks``)."""
+    return chunk_blocks(doc.blocks, count_tokens, max_tokens, overlap, window_tokens)

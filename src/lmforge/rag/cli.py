@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 
-DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP = 128, 16  # the same as lmforge.rag.index's (not imported: keeps `lmforge --help` light)
+DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP, DEFAULT_WINDOW_TOKENS = 128, 16, 16  # lmforge.rag.index's (not imported: keeps `lmforge --help` light)
 
 
 def default_eval_db() -> Path:
@@ -24,7 +24,8 @@ def _embedder(args):
 def cmd_rag_index(args: argparse.Namespace) -> None:
     from lmforge.rag.index import index_directory
 
-    report = index_directory(args.dir, args.db, _embedder(args), max_tokens=args.chunk_tokens, overlap=args.overlap)
+    report = index_directory(args.dir, args.db, _embedder(args), max_tokens=args.chunk_tokens, overlap=args.overlap,
+                             window_tokens=args.window_tokens)  # fmt: skip
     print(f"{args.db}: {report.summary()}")
 
 
@@ -62,11 +63,14 @@ def cmd_rag_eval(args: argparse.Namespace) -> None:
     corpus = Path(args.corpus) if args.corpus else rag_eval.corpus_dir()
     db = Path(args.db) if args.db else default_eval_db()
     embedder = _embedder(args)
-    report = index_directory(corpus, db, embedder, max_tokens=args.chunk_tokens, overlap=args.overlap)
+    report = index_directory(corpus, db, embedder, max_tokens=args.chunk_tokens, overlap=args.overlap,
+                             window_tokens=args.window_tokens)  # fmt: skip
     print(f"index {db}: {report.summary()}")
     questions = rag_eval.make_questions(corpus, args.questions, args.seed)
     result = rag_eval.evaluate(db, questions, k=args.k, embedder=embedder)
-    result["index"] = {"seconds": round(report.seconds, 1), "embedded": report.embedded, "chunks": report.chunks}
+    result["index"] = {"seconds": round(report.seconds, 1), "embed_seconds": round(report.embed_seconds, 1),
+                       "embedded": report.embedded, "embedded_tokens": report.embedded_tokens, "chunks": report.chunks,
+                       "windows": report.windows, "load_average": list(os.getloadavg())}  # fmt: skip
     print(rag_eval.format_table(result))
     if args.out:
         print(f"wrote {rag_eval.write_json(result, questions, Path(args.out) / 'rag-eval.json')} and "
@@ -81,6 +85,8 @@ def add_parser(sub) -> None:
     def chunk_options(s):
         s.add_argument("--chunk-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="most tokens in a chunk, its section path included")
         s.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help="tokens of whole lines repeated from the previous chunk")
+        s.add_argument("--window-tokens", type=int, default=DEFAULT_WINDOW_TOKENS,
+                       help="most tokens in a window, the few lines the vector search embeds (small-to-big)")
 
     def embedding_option(s):
         s.add_argument("--embedding-model", default=None, help="encoder directory (default: bundled all-MiniLM-L6-v2)")

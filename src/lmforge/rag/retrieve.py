@@ -81,6 +81,7 @@ class Retriever:
         meta = store.meta()
         if not store.ready:
             raise StoreError(f"{store.path} holds no index yet: build it with `lmforge rag index DIR --db {store.path}`.")
+        store.check_schema()
         if meta.get("embedding_model") != embedder.name:
             raise StoreError(f"{store.path} was built with the embedding model {meta.get('embedding_model')}, not {embedder.name}; "
                              "query it with that model.")  # fmt: skip
