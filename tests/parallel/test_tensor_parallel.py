@@ -199,3 +199,21 @@ def test_cli_serve_under_torchrun_answers_with_one_processs_text(tmp_path):
     # SignalException, but no worker may fail or hang in a collective
     assert "Application shutdown complete" in log and "ChildFailedError" not in log, log[-3000:]
     assert "lmforge/" not in log, log[-3000:]  # no worker traceback
+
+
+@pytest.mark.slow
+def test_smollm2_under_three_ranks_prints_one_processs_greedy_text():
+    """The bundled SmolLM2-135M (fp32) split over 3 gloo processes (its 9 heads and 3 KV heads split 3
+    ways, not 2) prints one process's greedy text, which tests/inference/test_smollm2.py holds equal
+    to transformers'."""
+    import subprocess
+    import sys
+
+    args = ["generate", "-p", "The capital of France is", "--max-new-tokens", "12", "--temperature", "0", "--no-compile",
+            "--quantize", "none"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "lmforge.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    three = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(free_port()),
+                            "-m", "lmforge.cli", *args, "--tensor-parallel", "3"], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert one.returncode == 0 and three.returncode == 0, three.stderr[-2000:]
+    assert "Paris" in one.stdout and three.stdout == one.stdout
