@@ -58,3 +58,28 @@ def test_batch_one_runs_an_input_major_twin_that_shares_everything_else():
             assert p is ours[name]
     assert all(m.weight.is_contiguous() for m in model.modules() if type(m) is torch.nn.Linear)  # model untouched
     assert model.lm_head.weight is model.embed.tok.weight  # still tied in the model
+
+
+@pytest.mark.slow
+def test_a_cold_max_autotune_compile_prints_nothing_to_the_terminal(tmp_path):
+    """An int8 head makes the compiled step use max-autotune; its kernel-timing reports ("Autotune
+    Choices Stats", the timing table) must not reach the terminal of `lmforge generate` / `chat`."""
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from lmforge.config import ModelConfig
+from lmforge.models import build_model
+from lmforge.inference import complete
+from lmforge.inference.quantize import quantize_linears
+torch.manual_seed(0)
+m = build_model(ModelConfig.from_name("smollm2-135m", n_layer=1, n_embd=64, n_head=4, n_kv_head=2, d_ff=128,
+                                      vocab_size=256, max_seq_len=64)).eval()
+quantize_linears(m, "int8")
+print(complete(m, None, [1, 2, 3], max_new_tokens=4, temperature=0, compile=True).token_ids)
+"""
+    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}  # cold: autotuning runs
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Autotune Choices Stats" not in r.stderr and "AUTOTUNE" not in r.stderr, r.stderr[-2000:]

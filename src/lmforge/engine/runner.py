@@ -407,8 +407,9 @@ class CompiledStep:
         if key in self.warm:
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return fn(*args)
-        # autotune_num_choices_displayed=0: max-autotune keeps its kernel timings off the user's terminal
-        with inductor_config.patch(freezing=fn is self.matrix_fn, cpp_wrapper=True, autotune_num_choices_displayed=0):
+        # max-autotune keeps its kernel timing table and its "Autotune Choices Stats" JSON off the user's terminal
+        quiet = dict(autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+        with inductor_config.patch(freezing=fn is self.matrix_fn, cpp_wrapper=True, **quiet):
             logits = fn(*args)
         self.warm.add(key)
         return logits
