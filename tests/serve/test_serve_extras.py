@@ -92,11 +92,11 @@ def test_embedder_puts_its_inputs_on_the_models_device(tokenizer):
         device = torch.device("meta")
         seen: list = []
 
-        def embed_tokens(self, ids, mask):
-            self.seen.append((ids.device, mask.device))
+        def embed_tokens(self, ids, mask=None):  # the embedder batches equal lengths: no mask needed
+            self.seen.append(ids.device if mask is None else (ids.device, mask.device))
             return torch.zeros(ids.shape[0], 4, device=ids.device)
 
     model = OnMeta()
     with pytest.raises(NotImplementedError):  # meta tensors have no values to return; the point is where they went
         Embedder(model, tokenizer, "enc").embed([[1, 2, 3]])
-    assert model.seen == [(torch.device("meta"), torch.device("meta"))]
+    assert model.seen == [torch.device("meta")]

@@ -25,7 +25,6 @@ import asyncio
 import base64
 import json
 import logging
-import threading
 import time
 import uuid
 from collections import Counter
@@ -45,6 +44,7 @@ from lmforge.errors import UserError
 from lmforge.engine import Engine, EngineConfig, QueueFullError, SamplingError, SamplingParams, SequenceOutput, TokenLogprob
 from lmforge.engine.prompt import chat_ids, token_budget
 from lmforge.engine.constraints import ConstraintError, Grammar, compile_grammar
+from lmforge.rag.embed import Embedder  # the one embedder: RAG indexing and /v1/embeddings
 from lmforge.serve.errors import APIError, bad, error_body, install_error_handlers
 from lmforge.serve.guard import DEFAULT_MAX_BODY_BYTES, RequestGuard
 from lmforge.serve.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorResponse, Message
@@ -63,32 +63,6 @@ def _responses(*statuses: int) -> dict:
     status, such as 500, too: so FastAPI's 422, which this server never sends, is not listed)."""
     out: dict[int | str, dict] = {s: {"model": ErrorResponse, "description": _WHY[s]} for s in statuses}
     return out | {"default": {"model": ErrorResponse, "description": "a server error (500: the details are in its log)"}}
-
-
-# --- the embedder --------------------------------------------------------------------------------
-class Embedder:
-    """An encoder (BERT, MiniLM) turning texts into normalised mean-pooled sentence embeddings."""
-
-    def __init__(self, model, tokenizer, name: str, batch_size: int = 32):
-        if model.config.arch != "encoder":
-            raise UserError(f"the embedding model must be an encoder (BERT, MiniLM); {name} is a {model.config.arch}.")
-        self.model, self.tokenizer, self.name, self.batch_size = model.eval(), tokenizer, name, batch_size
-        self.max_len = model.config.max_seq_len
-        self.dim = model.config.n_embd
-        self._lock = threading.Lock()
-
-    def embed(self, inputs: list[list[int]]) -> torch.Tensor:
-        """(N, D) embeddings of token-id inputs (each already checked against the context)."""
-        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        out = []
-        with self._lock, torch.inference_mode():
-            for i in range(0, len(inputs), self.batch_size):
-                batch = inputs[i : i + self.batch_size]
-                width = max(len(b) for b in batch)
-                ids = torch.tensor([b + [pad] * (width - len(b)) for b in batch], device=self.model.device)
-                mask = torch.tensor([[1] * len(b) + [0] * (width - len(b)) for b in batch], device=self.model.device)
-                out.append(self.model.embed_tokens(ids, mask))
-        return torch.cat(out).float().cpu()
 
 
 # --- requests: from the validated body (serve/protocol.py) to engine inputs --------------------------
