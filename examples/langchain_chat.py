@@ -71,8 +71,9 @@ def ask_stream(llm, question: str, sources: list[dict] | None = None) -> Iterato
             yield chunk.content
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def cli(make_llm, ask, ask_stream, description: str, argv: list[str] | None = None) -> None:
+    """The command line both examples share: ask the server one question (with --rag, from its sources)."""
+    p = argparse.ArgumentParser(description=description.split("\n\n")[0])
     p.add_argument("question")
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--model", default=None, help="default: the model the server serves")
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
         print(ask(llm, args.question, sources))
     for s in sources or []:
         print(f" [{s['n']}] {s['path']}, {s['position']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli(make_llm, ask, ask_stream, __doc__, argv)
 
 
 if __name__ == "__main__":

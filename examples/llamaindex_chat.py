@@ -13,11 +13,9 @@ cannot ask the server for it).
 
 from __future__ import annotations
 
-import argparse
-import os
 from collections.abc import Iterator
 
-from langchain_chat import RAG_SYSTEM, SYSTEM, retrieve, served_model  # the same HTTP helpers, no LangChain needed
+from langchain_chat import RAG_SYSTEM, SYSTEM, cli, retrieve, served_model  # noqa: F401  the same HTTP helpers and CLI (retrieve is part of this example's API), no LangChain needed
 
 
 def make_llm(base_url: str, model: str | None = None, api_key: str | None = None, context_window: int = 8192, **kwargs):
@@ -59,26 +57,7 @@ def complete(llm, prompt: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("question")
-    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
-    p.add_argument("--model", default=None, help="default: the model the server serves")
-    p.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"))
-    p.add_argument("--rag", action="store_true", help="put the server's retrieved sources (POST /v1/rag/query) in the prompt")
-    p.add_argument("-k", type=int, default=4, help="sources retrieved with --rag")
-    p.add_argument("--stream", action="store_true")
-    p.add_argument("--max-tokens", type=int, default=200)
-    args = p.parse_args(argv)
-    llm = make_llm(args.base_url, args.model, args.api_key, temperature=0, max_tokens=args.max_tokens)
-    sources = retrieve(args.base_url, args.question, args.k, args.api_key) if args.rag else None
-    if args.stream:
-        for piece in ask_stream(llm, args.question, sources):
-            print(piece, end="", flush=True)
-        print()
-    else:
-        print(ask(llm, args.question, sources))
-    for s in sources or []:
-        print(f" [{s['n']}] {s['path']}, {s['position']}")
+    cli(make_llm, ask, ask_stream, __doc__, argv)
 
 
 if __name__ == "__main__":
