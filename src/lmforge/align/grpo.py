@@ -101,14 +101,11 @@ def train_grpo(cfg: GRPOConfig, data: str | os.PathLike, out: str | os.PathLike,
                   "groups_with_signal": (grouped.max(1).values > grouped.min(1).values).float().mean().item(),
                   "length": sum(len(r) for r in ro.response_ids) / len(ro.response_ids), **stats,
                   "lr": opt.param_groups[0]["lr"]}  # fmt: skip
-        if held and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps):
-            last_eval = evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id)
-            record.update(last_eval)
-        if step % cfg.log_interval == 0 or "eval_reward" in record:
-            run.log(record)
+        evaluate = (lambda: evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id)) if held else None
+        last_eval = run.end_step(step, record, evaluate) or last_eval
         bar.update(1)
         bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{stats['kl']:.4f}")
-        if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.max_steps:
+        if run.checkpoint_due(step):
             run.save(step, {"policy": policy}, opt, policy, tok, {"first_eval": first_eval})
     bar.close()
     final = run.finish(policy, tok, f"GRPO (G={G}, beta={cfg.beta})")

@@ -242,14 +242,11 @@ def train_ppo(cfg: PPOConfig, data: str | os.PathLike, out: str | os.PathLike, r
         record = {"step": step, "score": scores.mean().item(), "kl": seq_kl, "kl_coef": kl_ctl.value,
                   "length": mask.sum(-1).mean().item(), "truncated": sum(ro.truncated) / len(ro.truncated),
                   **{k: v / n_updates for k, v in stats.items()}, "lr": opt.param_groups[0]["lr"]}  # fmt: skip
-        if held and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps):
-            last_eval = evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id)
-            record.update(last_eval)
-        if step % cfg.log_interval == 0 or "eval_reward" in record:
-            run.log(record)
+        evaluate = (lambda: evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id)) if held else None
+        last_eval = run.end_step(step, record, evaluate) or last_eval
         bar.update(1)
         bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{seq_kl:.3f}")
-        if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.max_steps:
+        if run.checkpoint_due(step):
             run.save(step, {"policy": policy, "value_head": value_head}, opt, policy, tok,
                      {"kl_ctl": kl_ctl.state_dict(), "first_eval": first_eval})  # fmt: skip
     bar.close()

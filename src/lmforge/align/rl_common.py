@@ -21,6 +21,7 @@ import math
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,20 @@ class Run:
 
     def log(self, record: dict) -> None:
         self.metrics.log({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()})
+
+    def end_step(self, step: int, record: dict, evaluate: Callable[[], dict] | None) -> dict | None:
+        """The end of an RL update: evaluate on the held-out prompts when due (``evaluate``; None: no
+        held-out set), then log ``record`` when due. Returns the new evaluation, or None."""
+        cfg, result = self.cfg, None
+        if evaluate is not None and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps):
+            result = evaluate()
+            record.update(result)
+        if step % cfg.log_interval == 0 or result is not None:
+            self.log(record)
+        return result
+
+    def checkpoint_due(self, step: int) -> bool:
+        return bool(self.cfg.checkpoint_interval and step % self.cfg.checkpoint_interval == 0) or step == self.cfg.max_steps
 
     def save(self, step: int, modules: dict[str, nn.Module], optimizer, policy, tokenizer, extra: dict | None = None) -> Path:
         """Checkpoint ``step``: written into a temporary folder, fsynced, then renamed (atomic)."""
