@@ -31,6 +31,7 @@ from torch import nn
 
 from lmforge.config import ConfigError
 from lmforge.errors import UserError
+from lmforge.plots import save_figure
 from lmforge.train.checkpoint import STATE_FILE, _fsync_dir, _fsync_tree, checkpoint_root, latest_checkpoint, list_checkpoints
 from lmforge.train.config import coerce, parse_overrides, read_yaml_recipe, unknown_key
 from lmforge.train.metrics import MetricsLog, read_metrics
@@ -305,12 +306,7 @@ def plot_curves(run_dir: str | os.PathLike, title: str, path: str = "curves.png"
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out = Path(run_dir) / path
-    tmp = out.with_name(f".{path}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, Path(run_dir) / path)
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str):

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.plots import save_figure
 
 
 def emergence(sweep_dir: str | os.PathLike, task: str | os.PathLike, *, num_fewshot: int = 1, limit: int | None = 50,
@@ -91,9 +92,5 @@ def plot_emergence(rows: list[dict], path: Path, title: str = "") -> Path:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"emergence vs metric: {title}")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from lmforge.errors import UserError
+from lmforge.plots import save_figure
 
 KEY_DIGITS = 5
 CHANCE = 10.0**-KEY_DIGITS
@@ -233,11 +234,7 @@ def plot_passkey(reports: list[PasskeyReport], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import torch
 import yaml
 
 from lmforge.errors import UserError
+from lmforge.plots import save_figure
 
 PARAMS = ("E", "A", "alpha", "B", "beta")
 # the search box of θ = (log A, α, log B, β, log E); a fit that ends on its edge is not a power law the data pin down
@@ -479,11 +480,7 @@ def plot_scaling(runs: list[dict], p: dict[str, float], path: Path) -> Path:
     ax.legend(fontsize=7)
     fig.suptitle(f"L(N,D) = {p['E']:.3f} + {p['A']:.3g}/N^{p['alpha']:.3f} + {p['B']:.3g}/D^{p['beta']:.3f}", fontsize=11)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def refit(out: str | os.PathLike, *, bootstrap_samples: int = 200) -> dict:

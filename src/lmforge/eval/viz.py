@@ -25,6 +25,7 @@ import torch
 from lmforge.errors import UserError
 from lmforge.nn.attention import Attention, causal_mask
 from lmforge.nn.positions import apply_rope
+from lmforge.plots import save_figure
 
 
 @dataclass
@@ -120,13 +121,7 @@ def save_attention_png(maps: AttentionMaps, path: str | os.PathLike, *, max_head
                 ax.set_yticks(range(T), labels, fontsize=5)
     fig.suptitle("attention (rows: queries, columns: keys)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_size_inches()[1]))  # room for the title
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 _HTML = """<!DOCTYPE html>
@@ -240,9 +235,4 @@ def training_dashboard(run_dir: str | os.PathLike, out: str | os.PathLike | None
     best = f", best val loss {min(v for _, v in val):.4f}" if val else ""
     fig.suptitle(f"{Path(run_dir).resolve().name}: {records[-1]['step']} steps{best}")
     fig.tight_layout()
-    path = Path(out) if out is not None else Path(run_dir) / "dashboard.png"
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, Path(out) if out is not None else Path(run_dir) / "dashboard.png")

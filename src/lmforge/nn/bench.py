@@ -35,6 +35,7 @@ from lmforge.nn.attention import reference_attention
 from lmforge.nn.chunked import AttentionInputError, chunked_attention
 from lmforge.nn.linear_attention import FeatureMap, linear_attention
 from lmforge.nn.sparse import SparsePattern, sparse_attention
+from lmforge.plots import save_figure
 
 LENGTHS = (1024, 4096, 8192, 16384, 32768)
 
@@ -239,10 +240,7 @@ def plot(records: list[dict], path: Path) -> Path:
     fig.suptitle(f"causal self-attention, 1 x {records[0]['heads']} heads x T x {records[0]['head_dim']}, fp32, CPU"
                  if records else "attention")  # fmt: skip
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.plots import save_figure
 from lmforge.rag.loaders import plain_inline
 from lmforge.rag.retrieve import Retriever, rrf
 
@@ -266,11 +267,7 @@ def plot(result: dict, path: str | Path) -> Path:
     ax.set_title(f"Shakespeare retrieval ({result['questions']['test']} test questions)")
     ax.legend(loc="upper center", ncol=2)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write_json(result: dict, questions: Sequence[Question], path: str | Path) -> Path:

@@ -8,6 +8,8 @@ import math
 import os
 from pathlib import Path
 
+from lmforge.plots import save_figure
+
 
 class MetricsLog:
     """Appends JSON lines to ``run_dir/metrics.jsonl`` and mirrors scalars to TensorBoard."""
@@ -92,9 +94,4 @@ def plot_loss(run_dir: str | os.PathLike, title: str | None = None) -> Path | No
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(run_dir) / "loss.png"
-    tmp = out.with_name(".loss.png.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, Path(run_dir) / "loss.png")
