@@ -4,7 +4,6 @@ the SFT / LoRA / CAI tests (a module name unique in tests/)."""
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,11 +75,3 @@ def sft_recipe(tmp_path: Path, model_dir: Path, **keys) -> Path:
     path.write_text(yaml.safe_dump(values), encoding="utf-8")
     return path
 
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run far faster on one thread when the cores are shared (no oversubscription)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

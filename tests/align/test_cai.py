@@ -11,9 +11,8 @@ from lmforge.align.cai import load_cai_recipe, load_constitution, parse_verdict,
 from lmforge.align.tasks import cai_prompts, has_phone_number, violations
 from lmforge.cli import main
 from lmforge.config import ConfigError
-from sft_helpers import REPO, make_tiny_chat_model, one_thread, write_jsonl  # noqa: F401
+from sft_helpers import REPO, make_tiny_chat_model, write_jsonl
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 CONSTITUTION = REPO / "configs" / "align" / "constitution-checkable.yaml"
 FAST = ["--max_new_tokens=12", "--batch_size=4", "--progress=false"]
 

@@ -6,9 +6,7 @@ import pytest
 
 from lmforge.align.chat_data import ChatDataError, read_conversations, tokenize_conversation
 from lmforge.align.sft import SFTBatches, pack
-from sft_helpers import tiny_chat_tokenizer, write_jsonl, one_thread  # noqa: F401 (fixture)
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from sft_helpers import tiny_chat_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")

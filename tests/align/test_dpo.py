@@ -15,14 +15,6 @@ from lmforge.errors import UserError
 from rl_helpers import tiny_model_dir, word_pairs, write_jsonl
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _common(**kw):
     return dict(model=str(tiny_model_dir("llama")), batch_size=8, micro_batch_size=4, learning_rate=3e-3, beta=0.5,
                 eval_fraction=0.25, eval_interval=0, checkpoint_interval=3, progress=False, max_length=64) | kw  # fmt: skip

@@ -6,19 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from lmforge.align.grpo import GRPOConfig, train_grpo
 from lmforge.config import ConfigError
 from rl_helpers import char_model_dir, char_prompts, write_jsonl
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_grpo_raises_held_out_reward(tmp_path):

@@ -20,9 +20,8 @@ from lmforge.align.lora import (
     save_adapter,
 )
 from lmforge.config import ConfigError
-from sft_helpers import REPO, make_tiny_chat_model, tiny_config, one_thread  # noqa: F401 (fixture)
+from sft_helpers import REPO, make_tiny_chat_model, tiny_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

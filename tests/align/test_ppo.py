@@ -18,14 +18,6 @@ from rl_helpers import char_model_dir, char_prompts, write_jsonl
 REWARD = "rl_helpers:vowel_share"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(**kw) -> PPOConfig:
     base = dict(model=str(char_model_dir()), reward=REWARD, batch_size=16, micro_batch_size=16, max_new_tokens=8,
                 learning_rate=1e-2, ppo_epochs=2, mini_batch_size=8, kl_coef=0.01, eval_fraction=0.25, eval_prompts=32,

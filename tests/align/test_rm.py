@@ -14,14 +14,6 @@ from lmforge.errors import UserError
 from rl_helpers import tiny_model_dir, word_pairs, write_jsonl
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_saved_reward_model_loads_in_transformers_with_equal_scores(tmp_path, family):
     transformers = pytest.importorskip("transformers")

@@ -5,18 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from lmforge.cli import main
 from rl_helpers import char_model_dir, char_prompts, tiny_model_dir, word_pairs, write_jsonl
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _recipe(tmp_path, **values):

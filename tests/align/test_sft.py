@@ -11,9 +11,7 @@ from lmforge.align.lora import load_adapter, merge_lora
 from lmforge.align.sft import load_sft_recipe, sft
 from lmforge.cli import main
 from lmforge.train import read_metrics
-from sft_helpers import FAST, arithmetic_chats, make_tiny_chat_model, sft_recipe, write_jsonl, one_thread  # noqa: F401 (fixture)
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from sft_helpers import FAST, arithmetic_chats, make_tiny_chat_model, sft_recipe, write_jsonl
 
 
 @pytest.fixture(scope="module")

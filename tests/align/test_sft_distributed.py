@@ -9,9 +9,9 @@ import pytest
 
 from lmforge.align.sft import load_sft_recipe, sft
 from lmforge.train import read_metrics
-from sft_helpers import FAST, REPO, arithmetic_chats, make_tiny_chat_model, one_thread, sft_recipe, write_jsonl  # noqa: F401
+from sft_helpers import FAST, REPO, arithmetic_chats, make_tiny_chat_model, sft_recipe, write_jsonl  # noqa: F401
 
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.slow
 
 STEPS = dict(max_iters=10, lr_decay_iters=10, batch_size=2, gradient_accumulation_steps=2, eval_interval=5, eval_iters=3,
              checkpoint_interval=5, learning_rate=5e-3)  # fmt: skip
