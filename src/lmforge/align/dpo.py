@@ -23,7 +23,7 @@ import torch
 from lmforge.align import losses as L
 from lmforge.align.logprobs import pack, response_logprobs, token_kl
 from lmforge.align.pairs import EncodedPair, encode_pairs, read_pairs
-from lmforge.align.rl_common import (AlignConfig, Run, batch_indices, freeze_lower_layers, frozen_copy, load_policy,
+from lmforge.align.rl_common import (AlignConfig, DataParallel, Run, batch_indices, freeze_lower_layers, frozen_copy, load_policy,
                                      lr_factor, make_optimizer, progress_bar, seed_everything, split_eval)  # fmt: skip
 from lmforge.config import ConfigError
 
@@ -81,24 +81,37 @@ def dpo_step_losses(policy, ref, pairs: list[EncodedPair], cfg: DPOConfig, pad_i
 
 
 @torch.no_grad()
-def evaluate_dpo(policy, ref, pairs: list[EncodedPair], cfg: DPOConfig, pad_id: int) -> dict[str, float]:
+def evaluate_dpo(policy, ref, pairs: list[EncodedPair], cfg: DPOConfig, pad_id: int, dp: DataParallel | None = None) -> dict[str, float]:
+    """Held-out loss, accuracy and margin; under torchrun each process scores its share of the pairs."""
     was = policy.training
     policy.eval()
-    losses, chosen, rejected = [], [], []
-    for i in range(0, len(pairs), cfg.micro):
-        chunk = pairs[i : i + cfg.micro]
+    loss, correct, margin = 0.0, 0.0, 0.0
+    mine = dp.shard(pairs) if dp is not None else pairs
+    for i in range(0, len(mine), cfg.micro):
+        chunk = mine[i : i + cfg.micro]
         o = dpo_step_losses(policy, ref, chunk, cfg, pad_id)
-        losses.append(o["loss"] * len(chunk))
-        chosen.append(o["chosen_reward"])
-        rejected.append(o["rejected_reward"])
+        c, r = o["chosen_reward"], o["rejected_reward"]
+        loss += o["loss"].item() * len(chunk)
+        correct += (c > r).sum().item()
+        margin += (c - r).sum().item()
     policy.train(was)
-    c, r = torch.cat(chosen), torch.cat(rejected)
-    return {"eval_loss": (sum(losses) / len(pairs)).item(), "eval_accuracy": (c > r).float().mean().item(),
-            "eval_margin": (c - r).mean().item()}  # fmt: skip
+    if dp is not None:
+        loss, correct, margin = dp.sum([loss, correct, margin])
+    n = len(pairs)
+    return {"eval_loss": loss / n, "eval_accuracy": correct / n, "eval_margin": margin / n}
 
 
 def train_dpo(cfg: DPOConfig, data: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> DPOResult:
-    """Fine-tune ``cfg.model`` with DPO on the pairs of ``data``; the final policy is ``out/final``."""
+    """Fine-tune ``cfg.model`` with DPO on the pairs of ``data``; the final policy is ``out/final``.
+    Under ``torchrun`` the processes share each batch (``DataParallel``) and rank 0 writes ``out``."""
+    dp = DataParallel("dpo")
+    try:
+        return _train_dpo(cfg, data, out, resume, dp)
+    finally:
+        dp.close()
+
+
+def _train_dpo(cfg: DPOConfig, data, out, resume: bool, dp: DataParallel) -> DPOResult:
     seed_everything(cfg.seed)
     pairs = read_pairs(data)
     policy, tok = load_policy(cfg)
@@ -109,43 +122,45 @@ def train_dpo(cfg: DPOConfig, data: str | os.PathLike, out: str | os.PathLike, r
     else:
         ref = frozen_copy(policy)
     freeze_lower_layers(policy, cfg.train_layers)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
     pad_id = next(v for v in (policy.config.pad_token_id, tok.pad_id, tok.eos_id, 0) if v is not None)
     encoded = encode_pairs(tok, pairs, min(cfg.max_length, policy.config.max_seq_len), cfg.chat)
     train, held = split_eval(encoded, cfg.eval_fraction, cfg.seed)
     opt = make_optimizer([policy], cfg)
-    run = Run(out, cfg, "dpo", resume)
+    run = Run(out, cfg, "dpo", resume, main=dp.main)
     step = run.start({"policy": policy}, opt)
     last_eval: dict = {}
-    bar = progress_bar(cfg.max_steps, step, cfg.progress, f"dpo ({cfg.loss_type})")
+    bar = progress_bar(cfg.max_steps, step, cfg.progress and dp.main, f"dpo ({cfg.loss_type})")
     while step < cfg.max_steps:
         for g in opt.param_groups:
             g["lr"] = cfg.learning_rate * lr_factor(step, cfg)
         batch = [train[i] for i in batch_indices(step, cfg.batch_size, len(train), cfg.seed)]
+        mine = dp.shard(batch)
         opt.zero_grad(set_to_none=True)
-        loss_sum, kl_sum, chosen, rejected = 0.0, 0.0, [], []
-        for i in range(0, len(batch), cfg.micro):
-            chunk = batch[i : i + cfg.micro]
+        sums = [0.0] * 5  # loss, kl, correct, chosen reward, rejected reward (sums over the batch)
+        for i in range(0, len(mine), cfg.micro):
+            chunk = mine[i : i + cfg.micro]
             o = dpo_step_losses(policy, ref, chunk, cfg, pad_id, with_kl=True)
             (o["loss"] * len(chunk) / len(batch)).backward()
-            loss_sum += o["loss"].item() * len(chunk) / len(batch)
-            kl_sum += o["kl"].item() * len(chunk) / len(batch)
-            chosen.append(o["chosen_reward"])
-            rejected.append(o["rejected_reward"])
+            c, r = o["chosen_reward"], o["rejected_reward"]
+            for k, v in enumerate((o["loss"].item() * len(chunk), o["kl"].item() * len(chunk), (c > r).sum().item(),
+                                   c.sum().item(), r.sum().item())):  # fmt: skip
+                sums[k] += v
+        dp.sync_grads(trainable)
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
         step += 1
-        c, r = torch.cat(chosen), torch.cat(rejected)
-        record = {"step": step, "loss": loss_sum, "accuracy": (c > r).float().mean().item(), "margin": (c - r).mean().item(),
-                  "chosen_reward": c.mean().item(), "rejected_reward": r.mean().item(), "kl": kl_sum,
-                  "lr": opt.param_groups[0]["lr"]}  # fmt: skip
+        loss, kl, correct, chosen, rejected = (v / len(batch) for v in dp.sum(sums))
+        record = {"step": step, "loss": loss, "accuracy": correct, "margin": chosen - rejected, "chosen_reward": chosen,
+                  "rejected_reward": rejected, "kl": kl, "lr": opt.param_groups[0]["lr"]}  # fmt: skip
         if held and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps):
-            last_eval = evaluate_dpo(policy, ref, held, cfg, pad_id)
+            last_eval = evaluate_dpo(policy, ref, held, cfg, pad_id, dp)
             record.update(last_eval)
         if step % cfg.log_interval == 0 or "eval_loss" in record:
             run.log(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", margin=f"{record['margin']:.3f}", kl=f"{kl_sum:.4f}")
+        bar.set_postfix(loss=f"{loss:.3f}", margin=f"{record['margin']:.3f}", kl=f"{kl:.4f}")
         if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.max_steps:
             run.save(step, {"policy": policy}, opt, policy, tok)
     bar.close()

@@ -151,6 +151,9 @@ def evaluate_policy(policy, ref, tok, records: list[dict], cfg: SamplingConfig, 
 
 def _setup(cfg: SamplingConfig, data, kind: str):
     """What PPO and GRPO start from: prompt records split, policy, frozen reference, rewards."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"{kind} runs in one process: launch it without torchrun (rm, dpo and sft run data-parallel "
+                          "under torchrun).")  # fmt: skip
     seed_everything(cfg.seed)
     records = read_prompt_records(data)
     eval_records = read_prompt_records(cfg.eval_data) if cfg.eval_data is not None else None

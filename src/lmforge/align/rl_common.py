@@ -11,6 +11,10 @@ with the closest known names (the pretraining recipe's rules, ``lmforge.train.co
       checkpoints/step-N/     policy (Hugging Face format) + extra heads + optimizer + RNG + state,
                               written into .tmp-step-N and renamed: a checkpoint is whole or absent
       final/                  the trained model
+
+The pair trainers (rm, dpo) also run data-parallel under ``torchrun`` (``DataParallel``): every
+process takes its share of each batch and the gradients are summed across processes, so N
+processes take the step one process would; only rank 0 writes the run directory.
 """
 
 from __future__ import annotations
@@ -180,8 +184,9 @@ class Run:
     """A run directory: metrics, curves, checkpoints. ``start()`` returns the step to begin at
     (0, or the latest checkpoint's with ``resume``), having restored what was saved."""
 
-    def __init__(self, out: str | os.PathLike, cfg: AlignConfig, kind: str, resume: bool = False):
+    def __init__(self, out: str | os.PathLike, cfg: AlignConfig, kind: str, resume: bool = False, main: bool = True):
         self.out, self.cfg, self.kind, self.resume = Path(out), cfg, kind, resume
+        self.main = main  # under torchrun only rank 0 writes; every rank reads a checkpoint to resume
         self.metrics: MetricsLog | None = None
 
     def start(self, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, extra: dict | None = None) -> int:
@@ -189,7 +194,6 @@ class Run:
         ckpt = latest_checkpoint(self.out) if self.resume else None
         if self.resume and ckpt is None:
             raise UserError(f"--resume: {self.out} has no checkpoint to resume from; run without --resume.")
-        self.out.mkdir(parents=True, exist_ok=True)
         if ckpt is not None:
             state = json.loads((ckpt / STATE_FILE).read_text())
             if state.get("kind") != self.kind:
@@ -203,11 +207,16 @@ class Run:
             if extra is not None:
                 extra.update(blob.get("extra", {}))
             step = int(state["step"])
+        if not self.main:
+            return step
+        self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps({"kind": self.kind, **self.cfg.to_dict()}, indent=2))
         self.metrics = MetricsLog(self.out, resume_step=step if ckpt is not None else None, tensorboard=False)
         return step
 
     def log(self, record: dict) -> None:
+        if not self.main:
+            return
         self.metrics.log({k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()})
 
     def end_step(self, step: int, record: dict, evaluate: Callable[[], dict] | None) -> dict | None:
@@ -227,6 +236,8 @@ class Run:
     def save(self, step: int, modules: dict[str, nn.Module], optimizer, policy, tokenizer, extra: dict | None = None) -> Path:
         """Checkpoint ``step``: written into a temporary folder, fsynced, then renamed (atomic)."""
         root = checkpoint_root(self.out)
+        if not self.main:
+            return root / f"step-{step:08d}"
         root.mkdir(parents=True, exist_ok=True)
         final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -247,6 +258,8 @@ class Run:
     def finish(self, policy, tokenizer, title: str) -> Path:
         """Write the final model (atomically, as a folder renamed into place) and the curves."""
         final, tmp = self.out / "final", self.out / ".tmp-final"
+        if not self.main:
+            return final
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(policy, tmp, tokenizer)
         if final.exists():
@@ -256,6 +269,44 @@ class Run:
             self.metrics.close()
         plot_curves(self.out, title)
         return final
+
+
+class DataParallel:
+    """Data parallelism for the pair trainers under ``torchrun`` (gloo on the CPU): each process takes
+    every world-th example of a batch, scales its losses by the *global* batch size, and after the
+    backward passes the gradients are summed across processes (one flat all-reduce), so every process
+    takes exactly the step one process would take on the whole batch. Alone: a no-op."""
+
+    def __init__(self, kind: str):
+        from lmforge.train.distributed import init_distributed
+
+        self.ctx = init_distributed("cpu", "ddp")
+        self.kind = kind
+
+    @property
+    def main(self) -> bool:
+        return self.ctx.is_main
+
+    def shard(self, items: list) -> list:
+        return items[self.ctx.rank :: self.ctx.world_size]
+
+    def sync_grads(self, params: list[torch.Tensor]) -> None:
+        if not self.ctx.distributed:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.ctx.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p).clone()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Each value summed over the processes."""
+        if not self.ctx.distributed:
+            return list(values)
+        return self.ctx.all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
+
+    def close(self) -> None:
+        self.ctx.barrier()
+        self.ctx.close()
 
 
 def _tuple(x):

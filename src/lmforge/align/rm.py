@@ -24,7 +24,7 @@ from torch import nn
 from lmforge.align import losses as L
 from lmforge.align.logprobs import pack
 from lmforge.align.pairs import EncodedPair, encode_pairs, encode_prompt, encode_response, fit, read_pairs
-from lmforge.align.rl_common import (AlignConfig, Run, batch_indices, freeze_lower_layers, load_policy, lr_factor,
+from lmforge.align.rl_common import (AlignConfig, DataParallel, Run, batch_indices, freeze_lower_layers, load_policy, lr_factor,
                                      make_optimizer, progress_bar, seed_everything, split_eval)  # fmt: skip
 from lmforge.errors import CheckpointError, UserError
 
@@ -224,18 +224,34 @@ def _scores(rm: RewardModel, pairs: list[EncodedPair], micro: int) -> tuple[torc
 
 
 @torch.no_grad()
-def evaluate_reward_model(rm: RewardModel, pairs: list[EncodedPair], micro: int = 16) -> dict[str, float]:
-    """Held-out accuracy (share of pairs scored chosen > rejected), loss and mean margin."""
+def evaluate_reward_model(rm: RewardModel, pairs: list[EncodedPair], micro: int = 16, dp: DataParallel | None = None) -> dict[str, float]:
+    """Held-out accuracy (share of pairs scored chosen > rejected), loss and mean margin; under
+    torchrun each process scores its share of the pairs."""
     was = rm.training
     rm.eval()
-    c, r = _scores(rm, pairs, micro)
+    mine = dp.shard(pairs) if dp is not None else pairs
+    sums = [0.0, 0.0, 0.0]
+    if mine:
+        c, r = _scores(rm, mine, micro)
+        sums = [(c > r).sum().item(), L.reward_model_loss(c, r).item() * len(mine), (c - r).sum().item()]
     rm.train(was)
-    return {"eval_accuracy": (c > r).float().mean().item(), "eval_loss": L.reward_model_loss(c, r).item(),
-            "eval_margin": (c - r).mean().item()}  # fmt: skip
+    if dp is not None:
+        sums = dp.sum(sums)
+    correct, loss, margin = (v / len(pairs) for v in sums)
+    return {"eval_accuracy": correct, "eval_loss": loss, "eval_margin": margin}
 
 
 def train_reward_model(cfg: RMConfig, data: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> RMResult:
-    """Train a reward model on the pairs of ``data``; the final model is ``out/final`` (HF format)."""
+    """Train a reward model on the pairs of ``data``; the final model is ``out/final`` (HF format).
+    Under ``torchrun`` the processes share each batch (``DataParallel``) and rank 0 writes ``out``."""
+    dp = DataParallel("rm")
+    try:
+        return _train_reward_model(cfg, data, out, resume, dp)
+    finally:
+        dp.close()
+
+
+def _train_reward_model(cfg: RMConfig, data, out, resume: bool, dp: DataParallel) -> RMResult:
     seed_everything(cfg.seed)
     pairs = read_pairs(data)
     model, tok = load_policy(cfg)
@@ -246,45 +262,47 @@ def train_reward_model(cfg: RMConfig, data: str | os.PathLike, out: str | os.Pat
             if m is not None:
                 m.requires_grad_(True)
     rm.train()
+    trainable = [p for p in rm.parameters() if p.requires_grad]
     encoded = encode_pairs(tok, pairs, min(cfg.max_length, rm.config.max_seq_len), cfg.chat)
     train, held = split_eval(encoded, cfg.eval_fraction, cfg.seed)
     opt = make_optimizer([rm], cfg)
-    run = Run(out, cfg, "rm", resume)
+    run = Run(out, cfg, "rm", resume, main=dp.main)
     step = run.start({"rm": rm}, opt)
     last_eval: dict = {}
-    bar = progress_bar(cfg.max_steps, step, cfg.progress, "reward model")
+    bar = progress_bar(cfg.max_steps, step, cfg.progress and dp.main, "reward model")
     while step < cfg.max_steps:
         for g in opt.param_groups:
             g["lr"] = cfg.learning_rate * lr_factor(step, cfg)
         batch = [train[i] for i in batch_indices(step, cfg.batch_size, len(train), cfg.seed)]
+        mine = dp.shard(batch)
         opt.zero_grad(set_to_none=True)
-        c_all, r_all, loss_sum = [], [], 0.0
-        for i in range(0, len(batch), cfg.micro):
-            chunk = batch[i : i + cfg.micro]
+        sums = [0.0, 0.0, 0.0]  # loss, correct, margin (sums over the batch)
+        for i in range(0, len(mine), cfg.micro):
+            chunk = mine[i : i + cfg.micro]
             c, r = _scores(rm, chunk, cfg.micro)
-            loss = L.reward_model_loss(c, r, center_coef=cfg.center_coef) * len(chunk) / len(batch)
-            loss.backward()
-            loss_sum += loss.item()
-            c_all.append(c.detach())
-            r_all.append(r.detach())
+            loss = L.reward_model_loss(c, r, center_coef=cfg.center_coef)
+            (loss * len(chunk) / len(batch)).backward()
+            sums[0] += loss.item() * len(chunk)
+            sums[1] += (c > r).sum().item()
+            sums[2] += (c - r).sum().item()
+        dp.sync_grads(trainable)
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in rm.parameters() if p.requires_grad], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         opt.step()
         step += 1
-        c, r = torch.cat(c_all), torch.cat(r_all)
-        record = {"step": step, "loss": loss_sum, "accuracy": (c > r).float().mean().item(),
-                  "margin": (c - r).mean().item(), "lr": opt.param_groups[0]["lr"]}  # fmt: skip
+        loss, correct, margin = (v / len(batch) for v in dp.sum(sums))
+        record = {"step": step, "loss": loss, "accuracy": correct, "margin": margin, "lr": opt.param_groups[0]["lr"]}
         if held and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.max_steps):
-            last_eval = evaluate_reward_model(rm, held, cfg.micro)
+            last_eval = evaluate_reward_model(rm, held, cfg.micro, dp)
             record.update(last_eval)
         if step % cfg.log_interval == 0 or "eval_accuracy" in record:
             run.log(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", **({"eval_acc": f"{last_eval['eval_accuracy']:.3f}"} if last_eval else {}))
+        bar.set_postfix(loss=f"{loss:.3f}", **({"eval_acc": f"{last_eval['eval_accuracy']:.3f}"} if last_eval else {}))
         if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.max_steps:
             run.save(step, {"rm": rm}, opt, rm, tok)
     bar.close()
     if held and not last_eval:
-        last_eval = evaluate_reward_model(rm, held, cfg.micro)
+        last_eval = evaluate_reward_model(rm, held, cfg.micro, dp)
     final = run.finish(rm, tok, f"reward model ({Path(data).name})")
     return RMResult(Path(out), final, last_eval.get("eval_accuracy"), last_eval.get("eval_loss"), step)
