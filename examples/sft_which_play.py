@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--recipe", default=str(REPO / "configs" / "align" / "sft-lora-smollm2.yaml"))
     p.add_argument("--train-per-play", type=int, default=300)
     p.add_argument("--eval-per-play", type=int, default=50)
+    p.add_argument("--lines", type=int, default=1, help="consecutive lines per question (a passage)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="checkpoint (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("overrides", nargs="*", help="recipe overrides, --key=value (after --)")
@@ -36,7 +37,8 @@ def main() -> None:
     out = Path(args.out)
     started = time.perf_counter()
 
-    train, held = which_play(DEFAULT_PLAYS, n_train_per_play=args.train_per_play, n_eval_per_play=args.eval_per_play, seed=args.seed)
+    train, held = which_play(DEFAULT_PLAYS, n_train_per_play=args.train_per_play, n_eval_per_play=args.eval_per_play,
+                             lines=args.lines, seed=args.seed)  # fmt: skip
     write_jsonl(out / "data" / "train.jsonl", train)
     write_jsonl(out / "data" / "heldout.jsonl", held)
 
@@ -54,7 +56,7 @@ def main() -> None:
     sft_em, sft_replies = exact_match(tuned, tokenizer, held)
     print(f"after SFT exact match: {sft_em:.3f}  (e.g. {sft_replies[:3]})")
     record = {
-        "task": "which_play", "plays": [t for t in dict.fromkeys(e["answer"] for e in held)],
+        "task": "which_play", "lines": args.lines, "plays": [t for t in dict.fromkeys(e["answer"] for e in held)],
         "train_conversations": len(train), "heldout_conversations": len(held), "chance": 1 / len(DEFAULT_PLAYS),
         "base_exact_match": base_em, "sft_exact_match": sft_em, "steps": result.steps,
         "final_val_loss": result.final_val_loss, "train_s": round(train_s, 1),

@@ -54,24 +54,34 @@ def play(name: str) -> tuple[str, list[str]]:
 
 
 def which_play_prompt(line: str, titles: list[str]) -> str:
-    return (f"Which of these Shakespeare plays is this line from: {', '.join(titles)}?\n\n"
+    what = "passage" if " / " in line else "line"
+    return (f"Which of these Shakespeare plays is this {what} from: {', '.join(titles)}?\n\n"
             f"\"{line}\"\n\nAnswer with the title only.")  # fmt: skip
 
 
+def passages(lines: list[str], k: int) -> list[str]:
+    """Consecutive spoken lines in non-overlapping groups of ``k``, joined by " / " (k=1: the lines)."""
+    return [" / ".join(lines[i : i + k]) for i in range(0, len(lines) - k + 1, k)]
+
+
 def which_play(plays=DEFAULT_PLAYS, *, n_train_per_play: int = 300, n_eval_per_play: int = 50, min_words: int = 6,
-               seed: int = 0) -> tuple[list[dict], list[dict]]:  # fmt: skip
-    """(train, held out): conversations asking which of ``plays`` a line comes from, the same number
-    per play, shuffled; a line (and any repeat of it) is in one set only. Deterministic by seed."""
+               lines: int = 1, seed: int = 0) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """(train, held out): conversations asking which of ``plays`` a line (``lines`` > 1: a passage of
+    that many consecutive lines) comes from, the same number per play, shuffled; a passage (and any
+    repeat of it) is in one set only, and passages do not overlap. Deterministic by seed."""
+    if lines < 1:
+        raise UserError(f"lines must be at least 1, got {lines}.")
     rng = random.Random(seed)
     loaded = [play(p) for p in plays]
     titles = [t for t, _ in loaded]
     seen: set[str] = set()
     train, held = [], []
-    for title, lines in loaded:
-        unique = [l for l in dict.fromkeys(lines) if len(l.split()) >= min_words and l not in seen]
+    for title, spoken in loaded:
+        unique = [l for l in dict.fromkeys(passages(spoken, lines)) if len(l.split()) >= min_words and l not in seen]
         seen.update(unique)
         if len(unique) < n_train_per_play + n_eval_per_play:
-            raise UserError(f"{title} has {len(unique)} usable lines, fewer than the {n_train_per_play + n_eval_per_play} asked for.")
+            raise UserError(f"{title} has {len(unique)} usable {'lines' if lines == 1 else f'{lines}-line passages'}, "
+                            f"fewer than the {n_train_per_play + n_eval_per_play} asked for.")  # fmt: skip
         rng.shuffle(unique)
         for line, bucket in [(l, held) for l in unique[:n_eval_per_play]] + [(l, train) for l in unique[n_eval_per_play : n_eval_per_play + n_train_per_play]]:
             bucket.append({"messages": [{"role": "user", "content": which_play_prompt(line, titles)},
@@ -153,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--plays", nargs="+", default=list(DEFAULT_PLAYS))
     s.add_argument("--train-per-play", type=int, default=300)
     s.add_argument("--eval-per-play", type=int, default=50)
+    s.add_argument("--lines", type=int, default=1, help="consecutive lines per question (a passage)")
     s.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("cai-prompts", help="requests that tempt checkable principles (a .jsonl with 'prompt')")
     s.add_argument("--out", required=True)
@@ -163,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         write_jsonl(args.out, cai_prompts(args.n, args.seed))
         print(f"wrote {args.n} prompts to {args.out}")
         return
-    train, held = which_play(args.plays, n_train_per_play=args.train_per_play, n_eval_per_play=args.eval_per_play, seed=args.seed)
+    train, held = which_play(args.plays, n_train_per_play=args.train_per_play, n_eval_per_play=args.eval_per_play,
+                             lines=args.lines, seed=args.seed)  # fmt: skip
     write_jsonl(Path(args.out) / "train.jsonl", train)
     write_jsonl(Path(args.out) / "heldout.jsonl", held)
     print(f"wrote {len(train)} training and {len(held)} held-out conversations to {args.out}")
