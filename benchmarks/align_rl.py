@@ -46,17 +46,19 @@ def stage_rm(out: Path, sets: dict) -> dict:
     from lmforge.align.pairs import encode_pairs, read_pairs
     from lmforge.tokenizer import load_tokenizer
 
-    train = _write(out / "rm-train.jsonl", T.sentiment_pairs(3000, seed=0, split="train"))
-    held = _write(out / "rm-eval.jsonl", T.sentiment_pairs(400, seed=1, split="eval"))
     cfg = load_config(RMConfig, None, {"chat": False, "max_steps": 150, "batch_size": 16, "learning_rate": 1e-4,
                                        "train_layers": 4, "max_length": 64, "eval_fraction": 0.05, "eval_interval": 50,
                                        "checkpoint_interval": 0, **sets})  # fmt: skip
+    # at least one fresh pair per training example (no pair seen twice)
+    n_train = max(3000, round(cfg.max_steps * cfg.batch_size / (1 - cfg.eval_fraction)))
+    train = _write(out / "rm-train.jsonl", T.sentiment_pairs(n_train, seed=0, split="train"))
+    held = _write(out / "rm-eval.jsonl", T.sentiment_pairs(400, seed=1, split="eval"))
     t = time.time()
     result = train_reward_model(cfg, train, out / "rm")
     rm, tok = load_reward_model(result.model_dir), load_tokenizer(result.model_dir)
     pairs = encode_pairs(tok, read_pairs(held), cfg.max_length, cfg.chat)
     ev = evaluate_reward_model(rm, pairs, 16)
-    return {"stage": "rm", "held_out_pairs": len(pairs), "held_out_accuracy": ev["eval_accuracy"],
+    return {"stage": "rm", "train_layers": cfg.train_layers, "learning_rate": cfg.learning_rate, "held_out_pairs": len(pairs), "held_out_accuracy": ev["eval_accuracy"],
             "held_out_loss": ev["eval_loss"], "steps": result.steps, "train_pairs_seen": result.steps * cfg.batch_size,
             "seconds": round(time.time() - t)}  # fmt: skip
 
