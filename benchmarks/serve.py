@@ -4,7 +4,9 @@
     python benchmarks/serve.py [--max-tokens 32] [--repeats 3] [--threads N]
 
 The server (``lmforge.serve``, the bundled SmolLM2-135M-Instruct GGUF loaded the default way: its Q4_1
-weights in the int4 kernel, the Q8_0 head in int8) runs in a child process;
+weights in the int4 kernel, the Q8_0 head in int8; decode steps on the compiled graphs of their batch
+buckets, as `lmforge serve` runs by default, built before the timed runs; ``--no-compile``: eager) runs
+in a child process;
 clients stream chat completions over HTTP on 127.0.0.1. Every stream is greedy and generates exactly
 --max-tokens tokens (``ignore_eos``), every prompt is distinct (only the chat template's system
 prompt is shared, as in real traffic). The baseline loads the very same weights into
@@ -61,16 +63,17 @@ def question(tag: str, i: int) -> str:
 
 
 # --- the server side -----------------------------------------------------------------------------
-def start_server(threads: int, kv_cache_gb: float) -> tuple[subprocess.Popen, str]:
+def start_server(threads: int, kv_cache_gb: float, compile: bool) -> tuple[subprocess.Popen, str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
     code = (
         "import torch, sys; torch.set_num_threads(int(sys.argv[1]));"
-        "from lmforge.serve.server import serve; serve(host='127.0.0.1', port=int(sys.argv[2]), kv_cache_gb=float(sys.argv[3]))"
+        "from lmforge.serve.server import serve; serve(host='127.0.0.1', port=int(sys.argv[2]), kv_cache_gb=float(sys.argv[3]),"
+        " compile=sys.argv[4] == '1')"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(threads), str(port), str(kv_cache_gb)],
+    proc = subprocess.Popen([sys.executable, "-c", code, str(threads), str(port), str(kv_cache_gb), str(int(compile))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -86,6 +89,31 @@ def start_server(threads: int, kv_cache_gb: float) -> tuple[subprocess.Popen, st
             proc.kill()
             raise RuntimeError("the server did not start within 300 s")
         time.sleep(0.2)
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise RuntimeError(f"/metrics has no {name}")
+
+
+def warm_compiled(url: str, model: str, levels: list[int], max_tokens: int, timeout: float = 3600) -> None:
+    """Run every concurrency once and wait until the decode graphs those batch sizes asked for are
+    built; repeat until a round asks for no new graph, so no compile runs beside the timed runs."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before = metric(url, "lmforge_compiled_decode_graphs")
+        for s in levels:
+            asyncio.run(run_level(url, model, s, max_tokens, "warm"))
+        while metric(url, "lmforge_compiled_decode_pending") > 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the decode graphs were not built within {timeout:.0f} s")
+            time.sleep(1)
+        built = metric(url, "lmforge_compiled_decode_graphs")
+        log(f"compiled decode graphs: {built:.0f}")
+        if built == before:
+            return
 
 
 async def one_stream(client: httpx.AsyncClient, model: str, text: str, max_tokens: int) -> dict:
@@ -164,6 +192,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
     ap.add_argument("--hf-requests", type=int, default=4, help="sequential transformers requests per run")
     ap.add_argument("--kv-cache-gb", type=float, default=1.0)
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="decode eagerly (default: as `lmforge serve`, decode steps on compiled graphs, built before timing)")
     args = ap.parse_args()
     levels = [int(s) for s in args.streams.split(",")]
     torch.set_num_threads(args.threads)
@@ -172,11 +202,13 @@ def main() -> None:
     from lmforge.tokenizer import load_tokenizer
 
     log(f"starting the server (torch threads: {args.threads}) ...")
-    proc, url = start_server(args.threads, args.kv_cache_gb)
+    proc, url = start_server(args.threads, args.kv_cache_gb, args.compile)
     results: dict[int, dict] = {}
     try:
         model_name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         asyncio.run(run_level(url, model_name, 2, 4, "warm"))  # first-call costs out of the way
+        if args.compile:
+            warm_compiled(url, model_name, levels, args.max_tokens)
         greedy_text = asyncio.run(run_level(url, model_name, 1, args.max_tokens, "warm"))[0]["text"]
         for s in levels:
             rates, ttft, itl = [], [], []
@@ -209,6 +241,7 @@ def main() -> None:
         results[s]["ratio"] = round(results[s]["tokens_per_s"] / theirs, 2)
     key = 16 if 16 in results else max(results)
     common = {"model": "SmolLM2-135M-Instruct Q4_1 GGUF (lmforge: default load, int4/int8; transformers: dequantized fp32)",
+              "lmforge_decode": "compiled graphs per batch bucket" if args.compile else "eager",
               "max_tokens": args.max_tokens, "repeats": args.repeats, "torch_threads": args.threads,
               "cpu_count": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}  # fmt: skip
     print(json.dumps({

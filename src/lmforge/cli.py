@@ -193,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
           max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, max_body_bytes=args.max_body_bytes,
           allowed_origins=args.allowed_origins, served_model_name=args.served_model_name, grammar_file=args.grammar,
           rag_db=args.rag_db, max_prompt_tokens=args.max_prompt_tokens, tensor_parallel=args.tensor_parallel,
-          **_load_options(args))  # fmt: skip
+          compile=bool(args.compile), **_load_options(args))  # fmt: skip
 
 
 def _add_load_options(s: argparse.ArgumentParser) -> None:
@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the model over N processes: torchrun --nproc_per_node N -m lmforge.cli serve ... (rank 0 serves HTTP)")
     s.add_argument("--served-model-name", default=None,
                    help="the name clients pass as 'model' (default: the checkpoint's file or directory name)")
+    # default: serve at once, eagerly, while a thread compiles the decode step per batch bucket ($LMFORGE_COMPILE=off: never)
+    s.set_defaults(compile=os.environ.get("LMFORGE_COMPILE", "") != "off")
+    s.add_argument("--no-compile", action="store_false", dest="compile", help="decode eagerly only")
     _add_load_options(s)
     s.set_defaults(func=cmd_serve)
 

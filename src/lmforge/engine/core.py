@@ -31,7 +31,7 @@ from lmforge.config import ConfigError
 from lmforge.engine.blocks import BlockManager
 from lmforge.engine.output import OutputProcessor, stop_token_ids
 from lmforge.engine.prompt import check_prompt, token_budget
-from lmforge.engine.runner import ModelRunner
+from lmforge.engine.runner import ModelRunner, PagedDecodeStep
 from lmforge.engine.sampler import MAX_LOGPROBS, Sampler, SamplingError, SamplingParams, make_generator
 from lmforge.engine.scheduler import Scheduler
 from lmforge.errors import UserError
@@ -53,6 +53,7 @@ class EngineConfig:
     max_queue: int = 1024  # waiting sequences before add_request refuses (QueueFullError)
     enable_prefix_caching: bool = True
     num_blocks: int | None = None  # exact pool size, overriding kv_cache_gb (tests)
+    compile: bool = False  # decode-only steps on compiled graphs (built in the background; decoder-only models)
 
     def validate(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
@@ -182,7 +183,10 @@ class Engine:
                 f"{per_token / 2**10:.0f} KiB each) cannot hold one full context of {self.max_model_len} tokens, "
                 f"which needs {need_gb:.3f} GB: raise --kv-cache-gb to at least {need_gb:.3f} or lower --max-model-len."
             )
-        self.runner = ModelRunner(model, num_blocks, cfg.block_size)
+        step = None
+        if cfg.compile and model.config.arch == "decoder" and getattr(model, "tensor_parallel", 1) == 1:
+            step = PagedDecodeStep(model, cfg.max_num_seqs)  # the sharded (DTensor) and encoder-decoder steps stay eager
+        self.runner = ModelRunner(model, num_blocks, cfg.block_size, decode_step=step)
         # an encoder-decoder's decoder tokens mean nothing without their encoder input: no prefix sharing
         caching = cfg.enable_prefix_caching and not self.runner.encoder_decoder
         self.blocks = BlockManager(num_blocks, cfg.block_size, enable_prefix_caching=caching)
@@ -306,6 +310,9 @@ class Engine:
             "steps": self.num_steps,
             "failed_steps": self.num_failed_steps,
             "tokens_per_second": self.tokens_per_second(),
+            "compiled_decode_graphs": len(step.built) if (step := self.runner.decode_step) is not None else 0,
+            "compiled_decode_steps": step.steps if step is not None else 0,
+            "compiled_decode_pending": step.pending if step is not None and step.error is None else 0,
         }
 
     # --- the step ------------------------------------------------------------------------------
@@ -524,6 +531,8 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stop the thread; requests still in flight end with finish_reason "abort"."""
+        if self.runner.decode_step is not None:
+            self.runner.decode_step.stop()  # no further graph: the one in progress finishes
         with self._cv:
             self._stopping = True
             self._cv.notify()

@@ -93,13 +93,18 @@ def run_paged(model, batch: PagedBatch) -> torch.Tensor:
 class ModelRunner:
     """A model and the paged KV pool of the serving engine."""
 
-    def __init__(self, model, num_blocks: int, block_size: int):
+    def __init__(self, model, num_blocks: int, block_size: int, decode_step: "PagedDecodeStep | None" = None):
         cfg = model.config
         self.model, self.device = model, model.device
         self.encoder_decoder = cfg.arch == "encoder-decoder"
         n_layer = cfg.n_decoder_layer if self.encoder_decoder else cfg.n_layer
-        self.pool = PagedKVCache(n_layer, self.local_kv_heads(model), cfg.head_dim, num_blocks, block_size, model.dtype,
+        # one block more than the block manager hands out: the compiled step's padding rows write there
+        self.pool = PagedKVCache(n_layer, self.local_kv_heads(model), cfg.head_dim, num_blocks + 1, block_size, model.dtype,
                                  model.device)  # fmt: skip
+        self.scratch_slot = num_blocks * block_size
+        self.decode_step = decode_step
+        if decode_step is not None:
+            decode_step.start(self)
 
     @staticmethod
     def local_kv_heads(model) -> int:
@@ -127,9 +132,153 @@ class ModelRunner:
         return self.model.cross_kv(memory)
 
     def execute(self, decodes, prefills, logit_rows: list[int], cross: list | None = None) -> torch.Tensor:
-        """One forward over the step's decodes and prefill chunks (see ``build_batch``)."""
+        """One forward over the step's decodes and prefill chunks (see ``build_batch``). A step of
+        decodes only runs the compiled decode step once it is ready for that batch size."""
+        step = self.decode_step
+        if step is not None and decodes and not prefills and cross is None and step.ready(len(decodes)):
+            return step.run(self, decodes)[logit_rows]
         batch = build_batch(self.pool, decodes, prefills, logit_rows, self.device, cross)
         return run_paged(self.model, batch)
+
+
+def _paged_decode(model, pool, ids, positions, slots, decode_slots, decode_lens):
+    """Next-token logits (B, V) of B decoding sequences, one token each, over the paged pool."""
+    batch = PagedBatch(pool=pool, input_ids=ids, positions=positions, slots=slots, num_decodes=ids.shape[0],
+                       decode_slots=decode_slots, decode_lens=decode_lens, always_mask=True)  # fmt: skip
+    return model(ids[None], position_ids=positions[None], paged=batch)[0]
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class PagedDecodeStep:
+    """The serving engine's decode step, compiled: a step whose sequences all decode one token
+    (the common step once prompts are in) runs one inductor graph per batch bucket (1, 2, 4, .. up to
+    the engine's max_num_seqs; a batch is padded up to its bucket with rows that write a scratch slot),
+    with the context length a dynamic size, so a handful of graphs serve every step.
+
+    Graphs are built in a background thread while the engine keeps stepping eagerly: bucket 1 at
+    once, then each bucket the first time a decode batch of its size arrives (only the sizes the
+    traffic uses are compiled; a compile takes a minute or more on a 2-core CPU, seconds from the
+    disk cache). Weights are frozen into the graphs as constants (quantized: int4/int8 kernels)."""
+
+    def __init__(self, model, max_batch: int = BATCH_BUCKETS[-1]):
+        from lmforge.inference.quantize import Int8Linear
+
+        use_disk_cache()
+        self.model = model
+        self.buckets = tuple(b for b in BATCH_BUCKETS if b < max_batch) + (max_batch,)
+        self.steps = 0  # decode steps run on a compiled graph
+        # int8 weights: max-autotune's weight-only-int8 GEMM template (aten's kernel is far slower there)
+        int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+        self.fn = compile_decode_step(_paged_decode, fullgraph=True, dynamic=False,
+                                      mode="max-autotune-no-cudagraphs" if int8 else "default")  # fmt: skip
+        self.built: set[int] = set()
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        self._wanted: list[int] = [self.buckets[0]]  # buckets to compile, in order
+        self._cv = threading.Condition()
+        self._stopping = False
+
+    def bucket(self, n: int) -> int | None:
+        return next((b for b in self.buckets if b >= n), None)
+
+    def ready(self, n: int) -> bool:
+        """Whether n decoding sequences can take a compiled graph; if their bucket has none yet,
+        it is queued for the background thread."""
+        b = self.bucket(n)
+        if b is None or self.error is not None:
+            return False
+        if b in self.built:
+            return True
+        with self._cv:
+            if b not in self._wanted:
+                self._wanted.append(b)
+                self._cv.notify()
+        return False
+
+    def start(self, runner: "ModelRunner") -> None:
+        # not a daemon: a compile cut off at interpreter exit aborts the process; ``stop`` ends the
+        # thread after the graph in progress (whose artifacts then stay in the disk cache)
+        self.thread = threading.Thread(target=self._build, args=(runner,), name="lmforge-paged-compile")
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+
+    @property
+    def pending(self) -> int:
+        """Buckets queued or being compiled."""
+        return len(self._wanted)
+
+    def wait(self, buckets: Sequence[int], timeout: float | None = None) -> bool:
+        """Queue ``buckets`` and wait until they are built (benchmarks, tests); False on timeout or failure."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for b in buckets:
+            self.ready(b)
+        while not all(self.bucket(b) in self.built for b in buckets):
+            if self.error is not None or (deadline is not None and time.monotonic() > deadline):
+                return False
+            time.sleep(0.1)
+        return True
+
+    def _build(self, runner: "ModelRunner") -> None:
+        start = time.perf_counter()
+        while True:
+            with self._cv:
+                while not self._stopping and not self._wanted:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                b = self._wanted[0]
+            try:
+                # a warm-up of padding rows only: they write the scratch slot, which no sequence uses
+                zeros = lambda: torch.zeros(b, dtype=torch.long, device=runner.device)  # noqa: E731
+                slots = torch.full((b,), runner.scratch_slot, dtype=torch.long, device=runner.device)
+                ctx = torch.full((b, 2), runner.scratch_slot, dtype=torch.long, device=runner.device)
+                t0 = time.perf_counter()
+                self._call(runner, zeros(), zeros(), slots, ctx, torch.ones(b, dtype=torch.long, device=runner.device))
+            except Exception as e:  # noqa: BLE001 - decoding stays eager; say why
+                self.error = e
+                log.warning("compiling the paged decode step failed (%s: %s); decode steps stay eager", type(e).__name__, e)
+                return
+            self.built.add(b)
+            with self._cv:
+                self._wanted.remove(b)
+            if len(self.built) == 1:
+                log.info("decode steps switch to compiled graphs (the first built in the background in %.0f s)",
+                         time.perf_counter() - start)  # fmt: skip
+            else:
+                log.info("compiled the decode graph for batches of up to %d sequences (%.0f s)", b, time.perf_counter() - t0)
+
+    def _call(self, runner, ids, positions, slots, ctx_slots, ctx_lens) -> torch.Tensor:
+        import torch._inductor.config as inductor_config
+
+        torch._dynamo.mark_dynamic(ctx_slots, 1)  # the context grows each step: one graph for every length
+        quiet = dict(autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
+        # the engine's thread runs ready buckets while this one compiles the next: dynamo compiles under
+        # its own lock, and a graph's warm-up writes only the scratch slot, which no sequence uses
+        with torch.inference_mode(), inductor_config.patch(freezing=True, cpp_wrapper=True, **quiet):
+            return self.fn(self.model, runner.pool, ids, positions, slots, ctx_slots, ctx_lens)
+
+    def run(self, runner: "ModelRunner", decodes) -> torch.Tensor:
+        """Logits (n, V) of n decoding sequences: (block table, position, token) each."""
+        n, bs = len(decodes), runner.pool.block_size
+        b = self.bucket(n)
+        ctx = [_slots(table, 0, pos + 1, bs) for table, pos, _ in decodes]
+        L = max(2, max(len(c) for c in ctx))
+        pad = b - n
+        dev = runner.device
+        ids = torch.tensor([t for _, _, t in decodes] + [0] * pad, dtype=torch.long, device=dev)
+        positions = torch.tensor([pos for _, pos, _ in decodes] + [0] * pad, dtype=torch.long, device=dev)
+        slots = torch.tensor([c[-1] for c in ctx] + [runner.scratch_slot] * pad, dtype=torch.long, device=dev)
+        ctx_slots = torch.tensor([c + [0] * (L - len(c)) for c in ctx] + [[runner.scratch_slot] * L] * pad,
+                                 dtype=torch.long, device=dev)  # fmt: skip
+        ctx_lens = torch.tensor([len(c) for c in ctx] + [1] * pad, dtype=torch.long, device=dev)
+        self.steps += 1
+        return self._call(runner, ids, positions, slots, ctx_slots, ctx_lens)[:n]
 
 
 # --- the contiguous runners --------------------------------------------------------------------
@@ -139,17 +288,16 @@ def _decode_step(model, ids, position_ids, input_pos, mask):
     return model.lm_head(h[:, -1])
 
 
-def compile_decode_step(**compile_kwargs):
-    """``torch.compile`` of a decode step function with its own code object.
+def compile_decode_step(fn=_decode_step, **compile_kwargs):
+    """``torch.compile`` of a decode step function (``fn``) with its own code object.
 
     Dynamo keeps compiled graphs on the code object, and inductor's freezing bakes the weights into
     them as constants; with a shared code object, a second model of the same shapes would pass the
     guards and run on the first model's weights. A copy of the code per compiled model keeps
     each graph to its own model.
     """
-    code = _decode_step.__code__.replace(co_name=f"_decode_step_{next(_compile_ids)}")
-    fn = types.FunctionType(code, _decode_step.__globals__, code.co_name)
-    return torch.compile(fn, **compile_kwargs)
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{next(_compile_ids)}")
+    return torch.compile(types.FunctionType(code, fn.__globals__, code.co_name), **compile_kwargs)
 
 
 _compile_ids = iter(range(1 << 62))

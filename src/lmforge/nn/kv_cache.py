@@ -60,14 +60,17 @@ class KVCache(nn.Module):
 
 
 class PagedKVCache:
-    """The K/V block pool of every layer: k[l] and v[l] are (num_blocks * block_size, H_kv, D)."""
+    """The K/V block pool of every layer: k[l] and v[l] are (num_blocks * block_size, H_kv, D).
+
+    One tensor per layer rather than slices of one: a compiled step writes each in place, where
+    a write through a slice of a larger input would make inductor copy the whole pool."""
 
     def __init__(self, n_layer: int, n_kv_head: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype = torch.float32, device=None):  # fmt: skip
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (n_layer, num_blocks * block_size, n_kv_head, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (num_blocks * block_size, n_kv_head, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
 
     @staticmethod
     def bytes_per_token(n_layer: int, n_kv_head: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -102,6 +105,7 @@ class PagedBatch:
     logit_rows: torch.Tensor | None = None  # (S,) rows whose logits are wanted; None: all
     cross: list[list[tuple[torch.Tensor, torch.Tensor]]] | None = None  # per segment, per layer: (1, H_kv, S, D) K, V
     decode_mask: torch.Tensor | None = None  # (B_d, 1, 1, L), set by prepare
+    always_mask: bool = False  # keep the decode mask even when it covers every slot (a compiled graph: no branch on data)
     decode_bias: torch.Tensor | None = None  # (B_d, H, 1, L)
 
     def prepare(self, bias_fn: Callable | None, window: int | None) -> None:
@@ -114,7 +118,7 @@ class PagedBatch:
             valid = k_pos < self.decode_lens[:, None]
             if window is not None:
                 valid &= k_pos > self.decode_lens[:, None] - 1 - window
-            self.decode_mask = None if bool(valid.all()) else valid[:, None, None, :]
+            self.decode_mask = valid[:, None, None, :] if self.always_mask or not bool(valid.all()) else None
             if bias_fn is not None:
                 bias = bias_fn(self.decode_lens - 1, torch.arange(L, device=device))  # (1, H, B_d, L)
                 self.decode_bias = bias[0].transpose(0, 1).unsqueeze(2)

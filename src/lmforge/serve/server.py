@@ -667,6 +667,12 @@ def render_metrics(state: Server) -> str:
                [("", st["preemptions"])])  # fmt: skip
         metric("lmforge_failed_steps_total", "counter", "Engine steps that failed (their requests got errors).",
                [("", st["failed_steps"])])  # fmt: skip
+        metric("lmforge_compiled_decode_graphs", "gauge", "Batch buckets whose compiled decode graph is built.",
+               [("", st["compiled_decode_graphs"])])  # fmt: skip
+        metric("lmforge_compiled_decode_steps_total", "counter", "Decode steps run on a compiled graph.",
+               [("", st["compiled_decode_steps"])])  # fmt: skip
+        metric("lmforge_compiled_decode_pending", "gauge", "Batch buckets queued for (or in) compilation.",
+               [("", st["compiled_decode_pending"])])  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -704,11 +710,13 @@ def build_app(
     rag_db: str | Path | None = None,
     tensor_parallel: int = 1,
     max_prompt_tokens: int | None = None,
+    compile: bool = False,
 ) -> FastAPI:
     """Load the checkpoints and build the app (an encoder given as MODEL is served for embeddings).
     ``served_model_name``: the name clients send as ``model`` (default: the checkpoint's file or
     directory name). ``tensor_parallel``: split the model over that many ``torchrun`` processes;
-    rank 0's engine drives the others (``serve`` runs them)."""
+    rank 0's engine drives the others (``serve`` runs them). ``compile``: decode-only steps switch to
+    compiled graphs as a background thread builds them (``lmforge serve``'s default)."""
     from lmforge.checkpoints import load_model, resolve
     from lmforge.tokenizer import load_tokenizer
 
@@ -724,7 +732,8 @@ def build_app(
     if m.config.arch == "encoder" and embedding_model is None:
         embedder = Embedder(m, load_tokenizer(resolve(model)), name)
     else:
-        cfg = EngineConfig(kv_cache_gb=kv_cache_gb, max_queue=max_queue, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+        cfg = EngineConfig(kv_cache_gb=kv_cache_gb, max_queue=max_queue, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+                           compile=compile)  # fmt: skip
         generator = Engine(m, load_tokenizer(resolve(model)), cfg)
         if tensor_parallel > 1:
             import torch.distributed as dist
