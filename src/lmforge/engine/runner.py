@@ -207,6 +207,9 @@ class PagedDecodeStep:
         with self._cv:
             self._stopping = True
             self._cv.notify()
+            if self._wanted and self.error is None and self.thread is not None and self.thread.is_alive():
+                log.info("finishing the decode graph being compiled, so the next start finds it in the disk cache "
+                         "(Ctrl-C again skips it)")  # fmt: skip
 
     @property
     def pending(self) -> int:
