@@ -104,11 +104,8 @@ def evaluate_dpo(policy, ref, pairs: list[EncodedPair], cfg: DPOConfig, pad_id: 
 def train_dpo(cfg: DPOConfig, data: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> DPOResult:
     """Fine-tune ``cfg.model`` with DPO on the pairs of ``data``; the final policy is ``out/final``.
     Under ``torchrun`` the processes share each batch (``DataParallel``) and rank 0 writes ``out``."""
-    dp = DataParallel("dpo")
-    try:
+    with DataParallel() as dp:
         return _train_dpo(cfg, data, out, resume, dp)
-    finally:
-        dp.close()
 
 
 def _train_dpo(cfg: DPOConfig, data, out, resume: bool, dp: DataParallel) -> DPOResult:

@@ -277,11 +277,16 @@ class DataParallel:
     backward passes the gradients are summed across processes (one flat all-reduce), so every process
     takes exactly the step one process would take on the whole batch. Alone: a no-op."""
 
-    def __init__(self, kind: str):
+    def __init__(self):
         from lmforge.train.distributed import init_distributed
 
         self.ctx = init_distributed("cpu", "ddp")
-        self.kind = kind
+
+    def __enter__(self) -> "DataParallel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def main(self) -> bool:

@@ -244,11 +244,8 @@ def evaluate_reward_model(rm: RewardModel, pairs: list[EncodedPair], micro: int 
 def train_reward_model(cfg: RMConfig, data: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> RMResult:
     """Train a reward model on the pairs of ``data``; the final model is ``out/final`` (HF format).
     Under ``torchrun`` the processes share each batch (``DataParallel``) and rank 0 writes ``out``."""
-    dp = DataParallel("rm")
-    try:
+    with DataParallel() as dp:
         return _train_reward_model(cfg, data, out, resume, dp)
-    finally:
-        dp.close()
 
 
 def _train_reward_model(cfg: RMConfig, data, out, resume: bool, dp: DataParallel) -> RMResult:
