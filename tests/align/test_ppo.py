@@ -70,6 +70,10 @@ def test_unknown_reward_source_is_one_sentence_and_writes_nothing(tmp_path):
 def test_reward_sources(tmp_path):
     f = resolve_reward("lmforge.align.rl_tasks:arithmetic_reward")
     assert f(["What is 2 + 2?"] * 2, ["4", "5"], [{"answer": 4}, {"answer": 4}]) == [1.0, 0.0]
+    final = resolve_reward("lmforge.align.rl_tasks:final_answer_reward")
+    said = ["2 + 2 is 4.", "4, or 2 + 3 = 5", "no number", "-1"]
+    assert f(["p"] * 4, said, [{"answer": 4}] * 3 + [{"answer": -1}]) == [0.0, 1.0, 0.0, 1.0]
+    assert final(["p"] * 4, said, [{"answer": 4}] * 3 + [{"answer": -1}]) == [1.0, 0.0, 0.0, 1.0]
     v = resolve_reward("lmforge.align.rl_tasks:vader_reward")
     happy, sad = v(["p", "p"], ["What a lovely, happy day!", "I hate this awful, cruel place."])
     assert happy > 0.5 and sad < -0.5

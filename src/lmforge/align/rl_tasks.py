@@ -9,7 +9,8 @@ generated file needs committing.
   held-out pairs are made of sentences that training never saw.
 * ``line_prompts``     prompts asking to continue the opening words of a real line; the reward
   ``vader_reward`` is the VADER positivity of the completion (a scorer the policy never sees).
-* ``arithmetic_problems`` / ``arithmetic_reward``  verifiable integer arithmetic (exact match).
+* ``arithmetic_problems`` / ``arithmetic_reward`` (first integer) / ``final_answer_reward`` (last integer)
+  verifiable integer arithmetic (exact match).
 
 Write a task as JSONL:  ``python -m lmforge.align.rl_tasks sentiment-pairs --n 2000 --out pairs.jsonl``
 """
@@ -163,9 +164,17 @@ INTEGER = re.compile(r"-?\d+")
 
 
 def arithmetic_reward(prompt=None, completion: str = "", answer=None, **_) -> float:
-    """1.0 when the first integer in the completion is the answer, else 0.0."""
+    """1.0 when the first integer in the completion is the answer, else 0.0 (the strict format:
+    "Reply with only the number")."""
     m = INTEGER.search(completion)
     return float(m is not None and answer is not None and int(m.group()) == int(answer))
+
+
+def final_answer_reward(prompt=None, completion: str = "", answer=None, **_) -> float:
+    """1.0 when the last integer in the completion is the answer, else 0.0: the final answer counts,
+    as GSM8K-style checkers read it ("8 - 3 is 5." is right; a small chat model restates the problem)."""
+    found = INTEGER.findall(completion)
+    return float(bool(found) and answer is not None and int(found[-1]) == int(answer))
 
 
 TASKS = {
