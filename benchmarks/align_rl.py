@@ -12,7 +12,9 @@ rm    held-out accuracy on pairs whose sentences training never saw (labels: VAD
 dpo / ppo   held-out VADER positivity of completions of play-line openings, before and after,
       and the sequence-level KL (k1, summed over response tokens) of the trained policy's samples
       to the reference.
-grpo  held-out exact match on arithmetic problems, before and after.
+grpo  held-out exact match on arithmetic problems (the completion's last integer), before and after.
+rm    with ``--set model=DIR`` any decoder or encoder, e.g. the bundled MiniLM
+      (``lmforge.rag.embed.default_embedding_model_path()``).
 
 Any trainer key can be overridden: ``--set max_steps=10 --set learning_rate=1e-5``.
 """
@@ -77,7 +79,7 @@ def stage_dpo(out: Path, sets: dict) -> dict:
     from lmforge.align.rl_common import frozen_copy, load_policy, sample_rollouts
     from lmforge.checkpoints import load_model
 
-    cfg = load_config(DPOConfig, None, {"max_steps": 40, "batch_size": 8, "learning_rate": 5e-6, "beta": 0.1,
+    cfg = load_config(DPOConfig, None, {"max_steps": 80, "batch_size": 8, "learning_rate": 5e-5, "beta": 0.1,
                                         "train_layers": 8, "max_length": 96, "eval_fraction": 0.0,
                                         "checkpoint_interval": 0, **sets})  # fmt: skip
     sample_cfg = PPOConfig(max_new_tokens=24, temperature=1.0, max_length=96, eval_prompts=64, seed=0, micro_batch_size=32)
@@ -115,7 +117,7 @@ def stage_ppo(out: Path, sets: dict) -> dict:
     data, held = _prompts(out, 512, 64)
     cfg = load_config(PPOConfig, None, {"reward": "lmforge.align.rl_tasks:vader_reward", "max_steps": 30,
                                         "batch_size": 16, "mini_batch_size": 8, "micro_batch_size": 16,
-                                        "learning_rate": 1e-5, "train_layers": 8, "max_new_tokens": 24,
+                                        "learning_rate": 3e-5, "train_layers": 8, "max_new_tokens": 24,
                                         "max_length": 96, "kl_coef": 0.05, "kl_target": 6.0, "ppo_epochs": 2,
                                         "eval_data": str(held), "eval_prompts": 64,
                                         "eval_interval": 10, "checkpoint_interval": 0, **sets})  # fmt: skip
@@ -132,12 +134,12 @@ def stage_grpo(out: Path, sets: dict) -> dict:
     seen = {p["prompt"] for p in held}
     train = [p for p in T.arithmetic_problems(800, seed=0, max_operand=20) if p["prompt"] not in seen]
     data, held_path = _write(out / "arithmetic-train.jsonl", train), _write(out / "arithmetic-eval.jsonl", held)
-    cfg = load_config(GRPOConfig, None, {"reward": "lmforge.align.rl_tasks:arithmetic_reward", "max_steps": 30,
+    cfg = load_config(GRPOConfig, None, {"reward": "lmforge.align.rl_tasks:final_answer_reward", "max_steps": 30,
                                          "batch_size": 4, "num_generations": 8, "micro_batch_size": 32,
-                                         "learning_rate": 1e-5, "train_layers": 8, "max_new_tokens": 8,
+                                         "learning_rate": 2e-5, "train_layers": 8, "max_new_tokens": 12,
                                          "max_length": 96, "beta": 0.04, "eval_data": str(held_path),
                                          "eval_prompts": 100, "eval_interval": 10, "checkpoint_interval": 0,
-                                         "temperature": 1.0, **sets})  # fmt: skip
+                                         "temperature": 0.8, **sets})  # fmt: skip
     t = time.time()
     result = train_grpo(cfg, data, out / "grpo")
     return {"stage": "grpo", "exact_match_before": result.first_eval["eval_reward"],
