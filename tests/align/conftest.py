@@ -2,12 +2,8 @@
 shared (no oversubscription)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def single_thread(one_thread):
+    """Every test here runs single-threaded (tests/conftest.py: one_thread)."""

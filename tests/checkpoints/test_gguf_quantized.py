@@ -15,12 +15,7 @@ from lmforge.inference.quantize import Int4Linear, Int8Linear
 gguf = pytest.importorskip("gguf")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _quantized(kind: str, shape=(48, 96), seed=0) -> tuple[np.ndarray, np.ndarray]:

@@ -2,20 +2,11 @@
 background thread per batch bucket, decode-only steps switch to them once ready, and the text is
 the eager engine's, token for token, for batches that are padded up to their bucket."""
 
-import pytest
 import torch
 
 from lmforge.config import ModelConfig
 from lmforge.engine import Engine, EngineConfig, SamplingParams
 from lmforge.models import build_model
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_model():

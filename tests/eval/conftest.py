@@ -48,11 +48,3 @@ def hf_smollm():
     return transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models spend their time in per-op overhead, which a second thread only adds to on a busy
-    2-core machine; tests of tiny models run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -9,13 +9,8 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models spend their time in per-op overhead, which extra threads only add to on a busy
-    2-core machine (10x slower measured); each test here runs single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def single_thread(one_thread):
+    """Every test here runs single-threaded (tests/conftest.py: one_thread)."""
 
 
 @pytest.fixture(autouse=True)

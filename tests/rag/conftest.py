@@ -15,15 +15,8 @@ def embedder():
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Small batches spend their time in per-op overhead, which a second thread on a busy 2-core
-    machine only adds to."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def single_thread(one_thread):
+    """Every test here runs single-threaded (tests/conftest.py: one_thread)."""
 
 
 @pytest.fixture(scope="session")
