@@ -76,7 +76,8 @@ def stage_dpo(out: Path, sets: dict) -> dict:
     one chosen (gap >= 0.2), then DPO; before/after measured by sampling held-out prompts."""
     from lmforge.align.dpo import DPOConfig, train_dpo
     from lmforge.align.ppo import PPOConfig, evaluate_policy, pad_id_of
-    from lmforge.align.rl_common import frozen_copy, load_policy, sample_rollouts
+    from lmforge.align.rl_common import frozen_copy, load_policy
+    from lmforge.align.rollouts import sample_rollouts
     from lmforge.checkpoints import load_model
 
     cfg = load_config(DPOConfig, None, {"max_steps": 80, "batch_size": 8, "learning_rate": 5e-5, "beta": 0.1,

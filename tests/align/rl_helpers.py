@@ -103,3 +103,31 @@ def char_prompts(n: int) -> list[dict]:
 
     rng = random.Random(0)
     return [{"prompt": "".join(rng.choice("bcdfg ") for _ in range(4)) + "x"} for _ in range(n)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_cli(args: list[str], procs: int = 2, timeout: int = 600):
+    """``torchrun --nproc_per_node=procs -m lmforge.cli ARGS`` on gloo, one thread per process, with
+    this folder importable (reward functions named ``rl_helpers:...``)."""
+    import os
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "lmforge.cli", *map(str, args)]  # fmt: skip
+    path = os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    return subprocess.run(cmd, cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in recipe.items()))
+    return path

@@ -126,30 +126,48 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 # --- who writes: the policy, and the critic/judge -----------------------------------------------------
 class LocalChat:
-    """Chat replies from an lmforge model through the public ``lmforge.generate``."""
+    """Chat replies from an lmforge model through the public ``lmforge.generate``. With ``dp`` (under
+    torchrun) the processes share the chunks of each call and every process gets every reply."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 8):
+    def __init__(self, model, tokenizer, batch_size: int = 8, dp=None):
         if tokenizer.chat_template is None:
             raise ConfigError("the model's tokenizer has no chat template, so it cannot act as critic or judge; use critic: URL.")
-        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.model, self.tokenizer, self.batch_size, self.dp = model, tokenizer, batch_size, dp
 
     def chat(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, n: int = 1) -> list:  # fmt: skip
         """One reply per conversation (a list of ``n`` when n > 1)."""
         from lmforge import generate
 
-        out = []
-        for i in range(0, len(conversations), self.batch_size):
-            chunk = conversations[i : i + self.batch_size]
-            out += generate(self.model, self.tokenizer, chunk, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_p=top_p, seed=None if seed is None else seed + i, n=n)  # fmt: skip
-        return [[r.strip() for r in x] if n > 1 else x.strip() for x in out]
+        def chunk(i):
+            out = generate(self.model, self.tokenizer, conversations[i : i + self.batch_size], max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, seed=None if seed is None else seed + i, n=n)  # fmt: skip
+            return [[r.strip() for r in x] if n > 1 else x.strip() for x in out]
+
+        return [r for part in shared(self.dp, list(range(0, len(conversations), self.batch_size)), chunk) for r in part]
+
+
+def shared(dp, items: list, work) -> list:
+    """``[work(x) for x in items]``, the items shared among the processes under torchrun (every
+    world-th one each) and the results gathered in order on every process."""
+    if dp is None or not dp.ctx.distributed:
+        return [work(x) for x in items]
+    import torch.distributed as dist
+
+    rank, world = dp.ctx.rank, dp.ctx.world_size
+    mine = [work(x) for x in items[rank::world]]
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)
+    out: list = [None] * len(items)
+    for r, results in enumerate(every):
+        out[r::world] = results
+    return out
 
 
 class EndpointChat:
     """Chat replies from an OpenAI-compatible endpoint (``lmforge serve``, vLLM, ...)."""
 
-    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, http_client=None):
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, http_client=None, dp=None):
         try:
             from openai import OpenAI
         except ImportError:
@@ -157,18 +175,19 @@ class EndpointChat:
         self.client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "unused",
                              http_client=http_client)  # fmt: skip
         self.model = model or self.client.models.list().data[0].id
+        self.dp = dp
 
     def chat(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, n: int = 1) -> list:  # fmt: skip
-        out = []
-        for i, messages in enumerate(conversations):
+        def ask(i):
             reply = self.client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                model=self.model, messages=conversations[i], max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                 seed=None if seed is None else seed + i, n=n,
             )  # fmt: skip
             texts = [(c.message.content or "").strip() for c in reply.choices]
-            out.append(texts if n > 1 else texts[0])
-        return out
+            return texts if n > 1 else texts[0]
+
+        return shared(self.dp, list(range(len(conversations))), ask)
 
 
 # --- the two stages -----------------------------------------------------------------------------------
@@ -238,7 +257,15 @@ def preference_pairs(policy, judge, prompts: list[str], principles: list[Princip
 
 def run_cai(recipe: AlignRecipe[CAIConfig], data, out_dir: str | os.PathLike, *, http_client=None) -> dict:
     """Both stages over the prompts in ``data``; writes sft.jsonl, preferences.jsonl and
-    cai_summary.json into ``out_dir`` and returns the summary."""
+    cai_summary.json into ``out_dir`` and returns the summary. Under ``torchrun`` the processes
+    share the generation (the same files as one process; rank 0 writes them)."""
+    from lmforge.align.rl_common import DataParallel
+
+    with DataParallel() as dp:
+        return _run_cai(recipe, data, out_dir, http_client, dp)
+
+
+def _run_cai(recipe: AlignRecipe[CAIConfig], data, out_dir, http_client, dp) -> dict:
     from lmforge import load_model, load_tokenizer
 
     cfg, seed = recipe.method, recipe.train.seed
@@ -249,19 +276,22 @@ def run_cai(recipe: AlignRecipe[CAIConfig], data, out_dir: str | os.PathLike, *,
     prompts = read_prompts(data)[: cfg.max_prompts]
     stages = set(cfg.stages.replace(" ", "").split(","))
     model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
-    policy = LocalChat(model, tokenizer, recipe.train.batch_size)
-    critic = policy if cfg.critic == "self" else EndpointChat(cfg.critic, cfg.critic_model, cfg.critic_api_key, http_client)
+    policy = LocalChat(model, tokenizer, recipe.train.batch_size, dp)
+    critic = policy if cfg.critic == "self" else EndpointChat(cfg.critic, cfg.critic_model, cfg.critic_api_key, http_client, dp)
     out = Path(out_dir)
     summary = {"prompts": len(prompts), "principles": [p.name for p in principles], "critic": cfg.critic, "seed": seed}
     if "1" in stages:
         records = critique_and_revise(policy, critic, prompts, principles, cfg, seed)
-        write_jsonl(out / "sft.jsonl", records)
+        if dp.main:
+            write_jsonl(out / "sft.jsonl", records)
         summary |= {"sft_records": len(records), "empty_revisions": len(prompts) - len(records)}
     if "2" in stages:
         pairs, stats = preference_pairs(policy, critic, prompts, principles, cfg, seed)
-        write_jsonl(out / "preferences.jsonl", pairs)
+        if dp.main:
+            write_jsonl(out / "preferences.jsonl", pairs)
         summary |= {"preference_pairs": len(pairs), **stats}
-    (out / ".cai_summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(out / ".cai_summary.json.tmp", out / "cai_summary.json")
-    print(json.dumps(summary))
+    if dp.main:
+        (out / ".cai_summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(out / ".cai_summary.json.tmp", out / "cai_summary.json")
+        print(json.dumps(summary))
     return summary

@@ -21,8 +21,9 @@ import torch
 
 from lmforge.align import losses as L
 from lmforge.align.logprobs import pack, response_logprobs
-from lmforge.align.ppo import RLResult, SamplingConfig, _setup, evaluate_policy, pad_id_of, rollout_logprobs
-from lmforge.align.rl_common import Run, batch_indices, lr_factor, make_optimizer, progress_bar, sample_rollouts
+from lmforge.align.ppo import RLResult, SamplingConfig, _setup, check_world, evaluate_policy, pad_id_of, rollout_logprobs
+from lmforge.align.rl_common import DataParallel, Run, batch_indices, lr_factor, make_optimizer, progress_bar
+from lmforge.align.rollouts import draw_seed, sample_rollouts
 from lmforge.config import ConfigError
 
 
@@ -48,32 +49,49 @@ class GRPOConfig(SamplingConfig):
 
 
 def train_grpo(cfg: GRPOConfig, data: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> RLResult:
-    """GRPO on the prompts of ``data`` with ``cfg.reward``; the final policy is ``out/final``."""
+    """GRPO on the prompts of ``data`` with ``cfg.reward``; the final policy is ``out/final``.
+    Under ``torchrun`` each process samples and trains on its share of the batch's prompts (whole
+    groups); the rewards are gathered so every process computes the same advantages, gradients are
+    summed, and rank 0 writes ``out``."""
+    with DataParallel() as dp:
+        check_world(cfg, dp, "grpo")
+        return _train_grpo(cfg, data, out, resume, dp)
+
+
+def _train_grpo(cfg: GRPOConfig, data, out, resume: bool, dp: DataParallel) -> RLResult:
     train, held, reward, eval_reward, policy, ref, tok = _setup(cfg, data, "grpo")
     pad_id = pad_id_of(policy, tok)
     opt = make_optimizer([policy], cfg)
-    run = Run(out, cfg, "grpo", resume)
+    trainable = [p for g in opt.param_groups for p in g["params"]]
+    run = Run(out, cfg, "grpo", resume, main=dp.main)
     extra: dict = {}
     step = run.start({"policy": policy}, opt, extra)
     first_eval = extra.get("first_eval") or {}
     if step == 0 and held:
-        first_eval = evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id)
+        first_eval = evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id, dp)
         run.log({"step": 0, **first_eval})
     last_eval = dict(first_eval)
     G = cfg.num_generations
-    bar = progress_bar(cfg.max_steps, step, cfg.progress, "grpo")
+    bar = progress_bar(cfg.max_steps, step, cfg.progress and dp.main, "grpo")
     while step < cfg.max_steps:
         for g in opt.param_groups:
             g["lr"] = cfg.learning_rate * lr_factor(step, cfg)
         records = [train[i] for i in batch_indices(step, cfg.batch_size, len(train), cfg.seed)]
-        ro = sample_rollouts(policy, tok, records, cfg, n=G)
-        rewards = torch.tensor(reward([r["prompt"] for r in ro.records], ro.texts, ro.records), device=policy.device)
-        adv = L.group_advantages(rewards, G, cfg.scale_rewards)
+        mine = dp.shard(list(range(len(records))))  # this process's prompts of the batch (all of them alone)
+        ro = sample_rollouts(policy, tok, [records[i] for i in mine], cfg, n=G, seed=draw_seed(), indices=mine)
+        own = reward([r["prompt"] for r in ro.records], ro.texts, ro.records)
+        every = [0.0] * (len(records) * G)  # the whole batch's rewards, gathered: advantages as one process has them
+        for k, i in enumerate(mine):
+            every[i * G : (i + 1) * G] = own[k * G : (k + 1) * G]
+        rewards = torch.tensor(dp.sum(every), dtype=torch.float32, device=policy.device)
+        rows_of = torch.tensor([i * G + j for i in mine for j in range(G)], device=policy.device)
+        adv = L.group_advantages(rewards, G, cfg.scale_rewards)[rows_of]
         old_logps = rollout_logprobs(policy, ro, pad_id, cfg.micro)[0] if cfg.num_iterations > 1 else None
         ref_logps = rollout_logprobs(ref, ro, pad_id, cfg.micro)[0] if cfg.beta else None
 
         stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0}
         rows_all = list(range(len(ro.response_ids)))
+        total = len(records) * G  # completions in the whole batch
         for _ in range(cfg.num_iterations):
             opt.zero_grad(set_to_none=True)
             for m in range(0, len(rows_all), cfg.micro):
@@ -86,25 +104,26 @@ def train_grpo(cfg: GRPOConfig, data: str | os.PathLike, out: str | os.PathLike,
                 ref_lp = ref_logps[sel, :R] if ref_logps is not None else None
                 loss, s = L.grpo_loss(logps, old, ref_lp, adv[sel], batch.mask, beta=cfg.beta, clip=cfg.clip,
                                       clip_high=cfg.clip_high, normalize=cfg.normalize)  # fmt: skip
-                share = len(rows) / len(rows_all)
+                share = len(rows) / total
                 (loss * share).backward()
                 stats["loss"] += loss.item() * share / cfg.num_iterations
                 stats["clip_fraction"] += s["clip_fraction"].item() * share / cfg.num_iterations
                 if "kl" in s:
                     stats["kl"] += s["kl"].item() * share / cfg.num_iterations
+            dp.sync_grads(trainable)
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
         step += 1
+        sums = dp.sum([*stats.values(), float(sum(len(r) for r in ro.response_ids))])
         grouped = rewards.view(-1, G)
         record = {"step": step, "reward": rewards.mean().item(), "reward_std": grouped.std(1).mean().item(),
                   "groups_with_signal": (grouped.max(1).values > grouped.min(1).values).float().mean().item(),
-                  "length": sum(len(r) for r in ro.response_ids) / len(ro.response_ids), **stats,
-                  "lr": opt.param_groups[0]["lr"]}  # fmt: skip
-        evaluate = (lambda: evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id)) if held else None
+                  "length": sums[-1] / total, **dict(zip(stats, sums[:-1])), "lr": opt.param_groups[0]["lr"]}  # fmt: skip
+        evaluate = (lambda: evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id, dp)) if held else None
         last_eval = run.end_step(step, record, evaluate) or last_eval
         bar.update(1)
-        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{stats['kl']:.4f}")
+        bar.set_postfix(reward=f"{record['reward']:.3f}", kl=f"{record['kl']:.4f}")
         if run.checkpoint_due(step):
             run.save(step, {"policy": policy}, opt, policy, tok, {"first_eval": first_eval})
     bar.close()

@@ -46,9 +46,17 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """``(x - mean) / std`` over the masked positions (keeping the mean when ``shift_mean`` is off)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, all_sum=None) -> torch.Tensor:
+    """``(x - mean) / std`` over the masked positions (keeping the mean when ``shift_mean`` is off).
+    ``all_sum`` (a tensor -> its sum over processes) takes the statistics over every process's rows,
+    as if they were one batch."""
+    if all_sum is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        mask = mask.to(x.dtype)
+        n = all_sum(mask.sum())
+        mean = all_sum((x * mask).sum()) / n
+        var = all_sum((((x - mean) ** 2) * mask).sum()) / n * n / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
 

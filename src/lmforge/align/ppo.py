@@ -33,9 +33,10 @@ from lmforge.align import losses as L
 from lmforge.align.logprobs import pack, response_logprobs
 from lmforge.align.pairs import read_prompt_records
 from lmforge.align.rewards import resolve_reward
-from lmforge.align.rl_common import (AlignConfig, Rollout, Run, batch_indices, freeze_lower_layers, frozen_copy,
-                                     load_policy, lr_factor, make_optimizer, progress_bar, sample_rollouts,
-                                     seed_everything, split_eval)  # fmt: skip
+from lmforge.align.rl_common import (AlignConfig, DataParallel, Run, batch_indices, freeze_lower_layers, frozen_copy,
+                                     load_policy, lr_factor, make_optimizer, progress_bar, seed_everything,
+                                     split_eval)  # fmt: skip
+from lmforge.align.rollouts import Rollout, draw_seed, sample_rollouts
 from lmforge.config import ConfigError
 
 
@@ -130,30 +131,29 @@ def rollout_logprobs(model, rollout: Rollout, pad_id: int, micro: int, value_hea
 
 
 @torch.no_grad()
-def evaluate_policy(policy, ref, tok, records: list[dict], cfg: SamplingConfig, reward, pad_id: int) -> dict[str, float]:
-    """Sample the held-out prompts (fixed seed, the global RNG restored afterwards), score them with
-    the evaluation reward, and measure the sequence-level KL (k1, summed over tokens) to the reference."""
+def evaluate_policy(policy, ref, tok, records: list[dict], cfg: SamplingConfig, reward, pad_id: int,
+                    dp: DataParallel | None = None) -> dict[str, float]:  # fmt: skip
+    """Sample the held-out prompts (seeded by ``cfg.seed``: the same completions at every evaluation
+    of the same weights), score them with the evaluation reward, and measure the sequence-level KL
+    (k1, summed over tokens) to the reference. Under torchrun each process takes its share."""
     if not records:
         return {}
-    state = torch.get_rng_state()
-    torch.manual_seed(cfg.seed + 7919)
-    try:
-        ro = sample_rollouts(policy, tok, records, cfg)
-    finally:
-        torch.set_rng_state(state)
-    scores = reward([r["prompt"] for r in ro.records], ro.texts, ro.records)
-    lp, _, mask = rollout_logprobs(policy, ro, pad_id, cfg.micro)
-    ref_lp, _, _ = rollout_logprobs(ref, ro, pad_id, cfg.micro)
-    kl = ((lp - ref_lp) * mask).sum(-1)
-    return {"eval_reward": float(sum(scores) / len(scores)), "eval_kl": kl.mean().item(),
-            "eval_length": mask.sum(-1).mean().item()}  # fmt: skip
+    idx = dp.shard(list(range(len(records)))) if dp is not None else list(range(len(records)))
+    sums = [0.0, 0.0, 0.0]  # reward, KL, length
+    if idx:
+        ro = sample_rollouts(policy, tok, [records[i] for i in idx], cfg, seed=cfg.seed + 7919, indices=idx)
+        scores = reward([r["prompt"] for r in ro.records], ro.texts, ro.records)
+        lp, _, mask = rollout_logprobs(policy, ro, pad_id, cfg.micro)
+        ref_lp, _, _ = rollout_logprobs(ref, ro, pad_id, cfg.micro)
+        sums = [float(sum(scores)), ((lp - ref_lp) * mask).sum().item(), mask.sum().item()]
+    if dp is not None:
+        sums = dp.sum(sums)
+    n = len(records)
+    return {"eval_reward": sums[0] / n, "eval_kl": sums[1] / n, "eval_length": sums[2] / n}
 
 
 def _setup(cfg: SamplingConfig, data, kind: str):
     """What PPO and GRPO start from: prompt records split, policy, frozen reference, rewards."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(f"{kind} runs in one process: launch it without torchrun (rm, dpo and sft run data-parallel "
-                          "under torchrun).")  # fmt: skip
     seed_everything(cfg.seed)
     records = read_prompt_records(data)
     eval_records = read_prompt_records(cfg.eval_data) if cfg.eval_data is not None else None
@@ -172,53 +172,73 @@ def _setup(cfg: SamplingConfig, data, kind: str):
     return train, held, reward, eval_reward, policy, ref, tok
 
 
+def check_world(cfg: SamplingConfig, dp: DataParallel, kind: str) -> None:
+    world = dp.ctx.world_size
+    if cfg.batch_size < world:
+        raise ConfigError(f"{kind} under torchrun shares each batch's prompts among the processes: batch_size={cfg.batch_size} "
+                          f"gives some of the {world} processes nothing; raise batch_size to at least {world}.")  # fmt: skip
+
+
 def train_ppo(cfg: PPOConfig, data: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> RLResult:
-    """PPO on the prompts of ``data`` with ``cfg.reward``; the final policy is ``out/final``."""
+    """PPO on the prompts of ``data`` with ``cfg.reward``; the final policy is ``out/final``.
+    Under ``torchrun`` each process samples, scores and trains on its share of every batch (the
+    statistics that whiten advantages are taken over the whole batch, gradients summed) and rank 0
+    writes ``out``; see ``_train_ppo``."""
+    with DataParallel() as dp:
+        check_world(cfg, dp, "ppo")
+        return _train_ppo(cfg, data, out, resume, dp)
+
+
+def _train_ppo(cfg: PPOConfig, data, out, resume: bool, dp: DataParallel) -> RLResult:
     train, held, reward, eval_reward, policy, ref, tok = _setup(cfg, data, "ppo")
     pad_id = pad_id_of(policy, tok)
     value_head = ValueHead(policy.config.n_embd).to(policy.device)
     kl_ctl = L.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     opt = make_optimizer([policy, value_head], cfg)
-    run = Run(out, cfg, "ppo", resume)
+    trainable = [p for g in opt.param_groups for p in g["params"]]
+    run = Run(out, cfg, "ppo", resume, main=dp.main)
     extra: dict = {}
     step = run.start({"policy": policy, "value_head": value_head}, opt, extra)
     if "kl_ctl" in extra:
         kl_ctl.load_state_dict(extra["kl_ctl"])
     first_eval = extra.get("first_eval") or {}
     if step == 0 and held:
-        first_eval = evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id)
+        first_eval = evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id, dp)
         run.log({"step": 0, **first_eval})
     last_eval = dict(first_eval)
     mini = cfg.mini_batch_size or cfg.batch_size
-    bar = progress_bar(cfg.max_steps, step, cfg.progress, "ppo")
+    all_sum = dp.ctx.all_reduce_sum
+    bar = progress_bar(cfg.max_steps, step, cfg.progress and dp.main, "ppo")
     while step < cfg.max_steps:
         for g in opt.param_groups:
             g["lr"] = cfg.learning_rate * lr_factor(step, cfg)
         records = [train[i] for i in batch_indices(step, cfg.batch_size, len(train), cfg.seed)]
-        ro = sample_rollouts(policy, tok, records, cfg)
+        mine = dp.shard(list(range(len(records))))  # this process's rows of the batch (all of them alone)
+        ro = sample_rollouts(policy, tok, [records[i] for i in mine], cfg, seed=draw_seed(), indices=mine)
         scores = torch.tensor(reward([r["prompt"] for r in ro.records], ro.texts, ro.records), device=policy.device)
 
-        # --- rewards, values, advantages (no gradients) ---
+        # --- rewards, values, advantages (no gradients); whitening statistics over the whole batch ---
         old_logps, old_values, mask = rollout_logprobs(policy, ro, pad_id, cfg.micro, value_head)
         ref_logps, _, _ = rollout_logprobs(ref, ro, pad_id, cfg.micro)
         rewards, kl = L.token_rewards(scores, old_logps, ref_logps, mask, kl_ctl.value, cfg.kl_estimator)
         if cfg.whiten_rewards:
-            rewards = L.whiten(rewards, mask, shift_mean=False) * mask
+            rewards = L.whiten(rewards, mask, shift_mean=False, all_sum=all_sum) * mask
         adv, returns = L.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        adv = L.whiten(adv, mask) * mask
+        adv = L.whiten(adv, mask, all_sum=all_sum) * mask
 
-        # --- PPO epochs over mini-batches ---
+        # --- PPO epochs over mini-batches of the whole batch; each process backpropagates its rows ---
         stats = {"pg_loss": 0.0, "vf_loss": 0.0, "clip_fraction": 0.0, "vf_clip_fraction": 0.0}
         n_updates = 0
+        local = {g: k for k, g in enumerate(mine)}  # batch row -> row of this process's rollout
         order = list(range(len(records)))
         for _ in range(cfg.ppo_epochs):
-            random.shuffle(order)
+            random.shuffle(order)  # the same order in every process (same seed, same draws)
             for s in range(0, len(order), mini):
                 idx = order[s : s + mini]
+                own = [local[i] for i in idx if i in local]
                 opt.zero_grad(set_to_none=True)
-                parts = {k: 0.0 for k in stats}
-                for m in range(0, len(idx), cfg.micro):
-                    rows = idx[m : m + cfg.micro]
+                for m in range(0, len(own), cfg.micro):
+                    rows = own[m : m + cfg.micro]
                     batch = pack([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad_id, policy.device)
                     R = batch.mask.shape[1]
                     logps, h = response_logprobs(policy, batch, return_hidden=True)
@@ -232,20 +252,21 @@ def train_ppo(cfg: PPOConfig, data: str | os.PathLike, out: str | os.PathLike, r
                     ((pg + cfg.vf_coef * vf) * share).backward()
                     for k, v in (("pg_loss", pg), ("vf_loss", vf), ("clip_fraction", L.masked_mean(clipped, mk)),
                                  ("vf_clip_fraction", vf_clip)):  # fmt: skip
-                        parts[k] += v.item() * share
+                        stats[k] += v.item() * share
+                dp.sync_grads(trainable)
                 if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
                 opt.step()
                 n_updates += 1
-                for k in stats:
-                    stats[k] += parts[k]
         step += 1
-        seq_kl = kl.sum(-1).mean().item()
-        kl_ctl.update(seq_kl, len(records))
-        record = {"step": step, "score": scores.mean().item(), "kl": seq_kl, "kl_coef": kl_ctl.value,
-                  "length": mask.sum(-1).mean().item(), "truncated": sum(ro.truncated) / len(ro.truncated),
-                  **{k: v / n_updates for k, v in stats.items()}, "lr": opt.param_groups[0]["lr"]}  # fmt: skip
-        evaluate = (lambda: evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id)) if held else None
+        B = len(records)
+        sums = dp.sum([scores.sum().item(), kl.sum().item(), mask.sum().item(), float(sum(ro.truncated)), *stats.values()])
+        seq_kl = sums[1] / B
+        kl_ctl.update(seq_kl, B)
+        record = {"step": step, "score": sums[0] / B, "kl": seq_kl, "kl_coef": kl_ctl.value, "length": sums[2] / B,
+                  "truncated": sums[3] / B, **{k: v / n_updates for k, v in zip(stats, sums[4:])},
+                  "lr": opt.param_groups[0]["lr"]}  # fmt: skip
+        evaluate = (lambda: evaluate_policy(policy, ref, tok, held, cfg, eval_reward, pad_id, dp)) if held else None
         last_eval = run.end_step(step, record, evaluate) or last_eval
         bar.update(1)
         bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{seq_kl:.3f}")
