@@ -10,7 +10,7 @@ from test_gguf import _tiny, _write_gguf
 
 from lmforge import load_model
 from lmforge.checkpoints.gguf import unpack_blocks
-from lmforge.inference.quantize import Int4Linear, Int8Linear
+from lmforge.inference.quantize import Int4Linear
 
 gguf = pytest.importorskip("gguf")
 

@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from lmforge.errors import UserError
 from lmforge.rag.chunking import Chunk, chunk_document
 from lmforge.rag.embed import Embedder
