@@ -77,13 +77,26 @@ def _is_fsdp(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The unsharded parameters on the CPU (FSDP2: gathered on every process, kept on rank 0 only)."""
+def full_model_state(model: nn.Module, *, every_rank: bool = False) -> dict[str, torch.Tensor] | None:
+    """The unsharded parameters on the CPU (FSDP2: gathered on every process, kept on rank 0 only).
+    ``every_rank``: FSDP2 keeps the full tensors on every process, on the model's device."""
     if _is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) or None
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+        return get_model_state_dict(model, options=options) or None
     return unwrap(model).state_dict()
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of ``full_model_state``: unsharded tensors (every process holds them) into
+    ``model``; FSDP2 keeps each process's shard of them."""
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        return
+    unwrap(model).load_state_dict(state)
 
 
 def _quiet_dcp():
@@ -109,9 +122,6 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` (every process calls this; rank 0 writes the shared files).
     ``export(model, directory)`` writes the model files (default: a Hugging Face directory)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
     from lmforge.checkpoints import save_pretrained
     from lmforge.models import build_model
 
@@ -125,11 +135,7 @@ def save_checkpoint(
     ctx.barrier()
 
     full = full_model_state(model)  # collective under FSDP
-    quiet = _quiet_dcp()
-    try:
-        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(tmp / "optimizer"))
-    finally:
-        quiet.__exit__(None, None, None)
+    save_optimizer(tmp, model, optimizer)
     rng = {"cpu": torch.get_rng_state()}
     if ctx.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
@@ -177,6 +183,19 @@ def load_model_weights(ckpt: str | os.PathLike, model: nn.Module) -> None:
     missing, unexpected = model.load_state_dict(saved.state_dict(), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{ckpt} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+
+
+def save_optimizer(ckpt: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's state into ``ckpt/optimizer`` (torch.distributed.checkpoint): every process calls it
+    and writes its own shard; ``load_optimizer`` re-shards it for any number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    quiet = _quiet_dcp()
+    try:
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(Path(ckpt) / "optimizer"))
+    finally:
+        quiet.__exit__(None, None, None)
 
 
 def load_optimizer(ckpt: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:

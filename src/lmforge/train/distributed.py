@@ -93,18 +93,34 @@ def block_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, Block)]
 
 
-def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
+def wrap_model(
+    model: nn.Module, ctx: DistContext, *, forward_methods: tuple[str, ...] = (), sum_gradients: bool = False
+) -> nn.Module:
     """DDP (a full replica per process, gradients all-reduced) or FSDP2 (parameters, gradients and
-    optimizer state sharded; each block gathered just in time). One process: the model as is."""
+    optimizer state sharded; each block gathered just in time). One process: the model as is.
+
+    FSDP only: ``forward_methods`` names methods besides ``forward`` that run the model from its root
+    (``hidden``, say): FSDP gathers the root's own parameters (embeddings, final norm, heads) for them
+    as it does for ``forward``. ``sum_gradients``: the gradients are summed over the processes
+    instead of averaged, for losses that each process already scales by the global batch."""
     if not ctx.distributed:
         return model
     if ctx.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
         for block in block_modules(model):
             fully_shard(block)
         fully_shard(model)
+        for name in forward_methods:
+            register_fsdp_forward_method(model, name)
+        if sum_gradients:
+            for m in model.modules():
+                if isinstance(m, FSDPModule):  # the setting is per sharded module, not inherited
+                    m.set_gradient_divide_factor(1.0)
+                    m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM), no division
         return model
+    if forward_methods or sum_gradients:
+        raise ValueError("forward_methods and sum_gradients apply to FSDP (strategy='fsdp') only.")
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
