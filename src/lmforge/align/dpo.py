@@ -24,7 +24,8 @@ from lmforge.align import losses as L
 from lmforge.align.logprobs import pack, response_logprobs, token_kl
 from lmforge.align.pairs import EncodedPair, encode_pairs, read_pairs
 from lmforge.align.rl_common import (AlignConfig, DataParallel, Run, batch_indices, freeze_lower_layers, frozen_copy, load_policy,
-                                     lr_factor, make_optimizer, progress_bar, seed_everything, split_eval)  # fmt: skip
+                                     lr_factor, make_optimizer, micro_batches, progress_bar, seed_everything,
+                                     split_eval)  # fmt: skip
 from lmforge.config import ConfigError
 
 
@@ -86,10 +87,10 @@ def evaluate_dpo(policy, ref, pairs: list[EncodedPair], cfg: DPOConfig, pad_id: 
     was = policy.training
     policy.eval()
     loss, correct, margin = 0.0, 0.0, 0.0
-    mine = dp.shard(pairs) if dp is not None else pairs
-    for i in range(0, len(mine), cfg.micro):
-        chunk = mine[i : i + cfg.micro]
-        o = dpo_step_losses(policy, ref, chunk, cfg, pad_id)
+    for chunk, counted in micro_batches(pairs, cfg.micro, dp):
+        o = dpo_step_losses(policy, ref, chunk, cfg, pad_id)  # every chunk: under FSDP the processes run in step
+        if not counted:
+            continue
         c, r = o["chosen_reward"], o["rejected_reward"]
         loss += o["loss"].item() * len(chunk)
         correct += (c > r).sum().item()
@@ -103,8 +104,10 @@ def evaluate_dpo(policy, ref, pairs: list[EncodedPair], cfg: DPOConfig, pad_id: 
 
 def train_dpo(cfg: DPOConfig, data: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> DPOResult:
     """Fine-tune ``cfg.model`` with DPO on the pairs of ``data``; the final policy is ``out/final``.
-    Under ``torchrun`` the processes share each batch (``DataParallel``) and rank 0 writes ``out``."""
-    with DataParallel() as dp:
+    Under ``torchrun`` the processes share each batch (``DataParallel``, ``cfg.strategy``: ddp or fsdp)
+    and rank 0 writes ``out``; under FSDP the policy is sharded and the frozen reference stays a full
+    replica on every process."""
+    with DataParallel(cfg.strategy) as dp:
         return _train_dpo(cfg, data, out, resume, dp)
 
 
@@ -119,6 +122,7 @@ def _train_dpo(cfg: DPOConfig, data, out, resume: bool, dp: DataParallel) -> DPO
     else:
         ref = frozen_copy(policy)
     freeze_lower_layers(policy, cfg.train_layers)
+    policy = dp.prepare(policy)  # after frozen_copy: FSDP shards the policy only
     trainable = [p for p in policy.parameters() if p.requires_grad]
     pad_id = next(v for v in (policy.config.pad_token_id, tok.pad_id, tok.eos_id, 0) if v is not None)
     encoded = encode_pairs(tok, pairs, min(cfg.max_length, policy.config.max_seq_len), cfg.chat)
@@ -132,13 +136,15 @@ def _train_dpo(cfg: DPOConfig, data, out, resume: bool, dp: DataParallel) -> DPO
         for g in opt.param_groups:
             g["lr"] = cfg.learning_rate * lr_factor(step, cfg)
         batch = [train[i] for i in batch_indices(step, cfg.batch_size, len(train), cfg.seed)]
-        mine = dp.shard(batch)
+        chunks = micro_batches(batch, cfg.micro, dp)
         opt.zero_grad(set_to_none=True)
         sums = [0.0] * 5  # loss, kl, correct, chosen reward, rejected reward (sums over the batch)
-        for i in range(0, len(mine), cfg.micro):
-            chunk = mine[i : i + cfg.micro]
-            o = dpo_step_losses(policy, ref, chunk, cfg, pad_id, with_kl=True)
-            (o["loss"] * len(chunk) / len(batch)).backward()
+        for i, (chunk, counted) in enumerate(chunks):
+            with dp.accumulate(policy, last=i == len(chunks) - 1):
+                o = dpo_step_losses(policy, ref, chunk, cfg, pad_id, with_kl=True)
+                (o["loss"] * len(chunk) / len(batch) if counted else o["loss"] * 0.0).backward()
+            if not counted:
+                continue
             c, r = o["chosen_reward"], o["rejected_reward"]
             for k, v in enumerate((o["loss"].item() * len(chunk), o["kl"].item() * len(chunk), (c > r).sum().item(),
                                    c.sum().item(), r.sum().item())):  # fmt: skip

@@ -14,11 +14,19 @@ with the closest known names (the pretraining recipe's rules, ``lmforge.train.co
 
 The pair trainers (rm, dpo) also run data-parallel under ``torchrun`` (``DataParallel``): every
 process takes its share of each batch and the gradients are summed across processes, so N
-processes take the step one process would; only rank 0 writes the run directory.
+processes take the step one process would; only rank 0 writes the run directory. ``strategy``
+chooses how: ``ddp`` keeps a full replica per process, ``fsdp`` shards parameters, gradients and
+optimizer state with FSDP2 (``lmforge.train.distributed.wrap_model``, as pretraining does).
+
+A checkpoint holds the modules' full weights (``training.pt``, gathered on rank 0 under FSDP) and the
+optimizer state in ``optimizer/`` (torch.distributed.checkpoint, one shard per process, re-sharded
+on load), so a run resumes on one process or several, with either strategy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -29,15 +37,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from lmforge.config import ConfigError
 from lmforge.errors import UserError
 from lmforge.plots import save_figure
-from lmforge.train.checkpoint import STATE_FILE, _fsync_dir, _fsync_tree, checkpoint_root, latest_checkpoint, list_checkpoints
-from lmforge.train.config import coerce, parse_overrides, read_yaml_recipe, unknown_key
+from lmforge.train.checkpoint import (STATE_FILE, _fsync_dir, _fsync_tree, _is_fsdp, checkpoint_root, full_model_state,
+                                     latest_checkpoint, list_checkpoints, load_full_model_state, load_optimizer,
+                                     save_optimizer)  # fmt: skip
+from lmforge.train.config import STRATEGIES, coerce, parse_overrides, read_yaml_recipe, unknown_key
 from lmforge.train.metrics import MetricsLog, read_metrics
 from lmforge.train.optim import param_groups
 
@@ -66,6 +78,7 @@ class AlignConfig:
     seed: int = 0
     progress: bool = True
     dtype: str = "float32"
+    strategy: str = "ddp"  # under torchrun: ddp (a full replica per process) | fsdp (FSDP2: everything sharded)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "eval_interval", "checkpoint_interval", "warmup_steps"):
@@ -82,6 +95,7 @@ class AlignConfig:
             raise ConfigError(f"eval_fraction must lie in [0, 1), got {self.eval_fraction}.")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype={self.dtype!r} is not supported; choose float32 or bfloat16.")
+        _check_strategy(self.strategy)
 
     @property
     def micro(self) -> int:
@@ -89,6 +103,11 @@ class AlignConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"strategy={strategy!r} is not supported; choose ddp or fsdp (it matters only under torchrun).")
 
 
 def load_config(cls, path: str | os.PathLike | None = None, overrides: dict | list[str] | None = None):
@@ -136,9 +155,9 @@ def freeze_lower_layers(model: nn.Module, train_layers: int | None) -> None:
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """The reference: a copy in eval mode with no gradients."""
-    import copy
-
+    """The reference: a copy in eval mode with no gradients. Make it before ``DataParallel.prepare``:
+    under FSDP the reference stays a full replica on every process (it never trains, and its forward
+    then needs no collective), while the policy is sharded."""
     ref = copy.deepcopy(model).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
@@ -182,7 +201,10 @@ def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
 # --- run directory ----------------------------------------------------------------------------------
 class Run:
     """A run directory: metrics, curves, checkpoints. ``start()`` returns the step to begin at
-    (0, or the latest checkpoint's with ``resume``), having restored what was saved."""
+    (0, or the latest checkpoint's with ``resume``), having restored what was saved.
+
+    Under torchrun every process calls ``start``, ``save`` and ``finish`` (with FSDP they gather the
+    sharded weights and write the optimizer's shards together); only rank 0 writes the rest."""
 
     def __init__(self, out: str | os.PathLike, cfg: AlignConfig, kind: str, resume: bool = False, main: bool = True):
         self.out, self.cfg, self.kind, self.resume = Path(out), cfg, kind, resume
@@ -198,10 +220,13 @@ class Run:
             state = json.loads((ckpt / STATE_FILE).read_text())
             if state.get("kind") != self.kind:
                 raise UserError(f"{ckpt} is a {state.get('kind')} checkpoint, not {self.kind}; resume it with `lmforge {state.get('kind')}`.")
+            if not (ckpt / "optimizer").is_dir():
+                raise UserError(f"{ckpt} has no optimizer/ folder (an older lmforge wrote it); resume it with that version "
+                                "or start the run again.")  # fmt: skip
             blob = torch.load(ckpt / "training.pt", weights_only=True)
             for name, m in modules.items():
-                m.load_state_dict(blob["modules"][name])
-            optimizer.load_state_dict(blob["optimizer"])
+                load_full_model_state(m, blob["modules"][name])  # FSDP: each process keeps its shard
+            load_optimizer(ckpt, nn.ModuleDict(modules), optimizer)  # re-sharded for this run's processes
             torch.set_rng_state(blob["rng"])
             random.setstate(_tuple(blob["py_rng"]))
             if extra is not None:
@@ -234,34 +259,44 @@ class Run:
         return bool(self.cfg.checkpoint_interval and step % self.cfg.checkpoint_interval == 0) or step == self.cfg.max_steps
 
     def save(self, step: int, modules: dict[str, nn.Module], optimizer, policy, tokenizer, extra: dict | None = None) -> Path:
-        """Checkpoint ``step``: written into a temporary folder, fsynced, then renamed (atomic)."""
+        """Checkpoint ``step``: the policy (Hugging Face format), ``training.pt`` (the modules' full
+        weights, RNG states, ``extra``) and ``optimizer/`` (every process writes its shard), written
+        into a temporary folder, fsynced, then renamed (atomic)."""
         root = checkpoint_root(self.out)
-        if not self.main:
-            return root / f"step-{step:08d}"
-        root.mkdir(parents=True, exist_ok=True)
         final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_model(policy, tmp, tokenizer)
-        torch.save({"modules": {k: m.state_dict() for k, m in modules.items()}, "optimizer": optimizer.state_dict(),
-                    "rng": torch.get_rng_state(), "py_rng": random.getstate(), "extra": extra or {}}, tmp / "training.pt")  # fmt: skip
-        (tmp / STATE_FILE).write_text(json.dumps({"kind": self.kind, "step": step}))
-        _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync_dir(root)
-        for old in list_checkpoints(self.out)[: -self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        _barrier()
+        states = {k: full_model_state(m) for k, m in modules.items()}  # FSDP: gathered, kept on rank 0
+        name = next((k for k, m in modules.items() if m is policy), None)
+        plain = _exportable(policy, states[name]) if name is not None else _gathered(policy)
+        save_optimizer(tmp, nn.ModuleDict(modules), optimizer)
+        _barrier()
+        if self.main:
+            save_model(plain, tmp, tokenizer)
+            torch.save({"modules": states, "rng": torch.get_rng_state(), "py_rng": random.getstate(), "extra": extra or {}},
+                       tmp / "training.pt")  # fmt: skip
+            (tmp / STATE_FILE).write_text(json.dumps({"kind": self.kind, "step": step}))
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            _fsync_dir(root)
+            for old in list_checkpoints(self.out)[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
         return final
 
     def finish(self, policy, tokenizer, title: str) -> Path:
         """Write the final model (atomically, as a folder renamed into place) and the curves."""
         final, tmp = self.out / "final", self.out / ".tmp-final"
+        plain = _gathered(policy)  # a collective under FSDP
         if not self.main:
             return final
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(policy, tmp, tokenizer)
+        save_model(plain, tmp, tokenizer)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -273,14 +308,43 @@ class Run:
 
 class DataParallel:
     """Data parallelism for the pair trainers under ``torchrun`` (gloo on the CPU): each process takes
-    every world-th example of a batch, scales its losses by the *global* batch size, and after the
-    backward passes the gradients are summed across processes (one flat all-reduce), so every process
-    takes exactly the step one process would take on the whole batch. Alone: a no-op."""
+    every world-th example of a batch and scales its losses by the *global* batch size; the gradients
+    are summed across processes, so every process takes exactly the step one process would take on
+    the whole batch. Alone: a no-op, whatever the strategy.
 
-    def __init__(self):
+    ``strategy="ddp"``: every process keeps a full replica; ``sync_grads`` sums the gradients after
+    the backward passes (one flat all-reduce). ``strategy="fsdp"``: ``prepare`` shards the trainable
+    model with FSDP2 (each transformer block, then the root; ``lmforge.train.distributed.wrap_model``);
+    its parameters, gradients and optimizer state are DTensor shards, FSDP's reduce-scatter sums the
+    gradients and ``torch.nn.utils.clip_grad_norm_`` clips by the global
+    norm. Every forward pass gathers parameters with the other processes, so they all run the same
+    number of them: ``micro_batches`` pads a process that is short of examples.
+
+    - ``shard(items)``: this process's share of ``items`` (``micro_batches(items, micro, dp)``: in
+      micro-batches, padded under FSDP).
+    - ``prepare(model)``: the model the trainer uses (FSDP: sharded in place, its ``hidden`` method
+      registered as a forward so ``lmforge.align.logprobs.response_logprobs`` works on it; the root's
+      parameters, the tied embedding / LM head among them, stay gathered after a forward, so the
+      ``lm_head`` call that follows ``hidden`` reads the full matrix). Make frozen copies (a DPO or
+      PPO reference) before: they stay full replicas on every process.
+    - ``accumulate(model, last)``: wraps a micro-batch's forward and backward (FSDP reduces the
+      gradients after the last micro-batch of an update only).
+    - ``sync_grads(params)``, ``sum(values)``: gradients and logged sums over the processes
+      (``sync_grads`` leaves FSDP's shards alone: a replicated module next to a sharded one, a
+      value head say, still has its gradients summed).
+    - ``full_copy(model)``: a plain (unsharded) module with the current full weights, in eval mode
+      and without gradients, on every process: a collective, so every process calls it. For what
+      cannot run on DTensor parameters, e.g. the paged engine sampling RL rollouts (as TRL gathers
+      ZeRO-3 parameters for generation). A model ``prepare`` did not shard (alone, DDP) comes back
+      as itself, its mode untouched.
+    """
+
+    def __init__(self, strategy: str = "ddp"):
         from lmforge.train.distributed import init_distributed
 
-        self.ctx = init_distributed("cpu", "ddp")
+        _check_strategy(strategy)
+        self.ctx = init_distributed("cpu", strategy)
+        self.fsdp = self.ctx.distributed and strategy == "fsdp"
 
     def __enter__(self) -> "DataParallel":
         return self
@@ -295,8 +359,29 @@ class DataParallel:
     def shard(self, items: list) -> list:
         return items[self.ctx.rank :: self.ctx.world_size]
 
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if not self.fsdp:
+            return model
+        from lmforge.train.distributed import wrap_model
+
+        _SKELETONS[model] = _skeleton(model)
+        methods = ("hidden",) if callable(getattr(model, "hidden", None)) else ()
+        return wrap_model(model, self.ctx, forward_methods=methods, sum_gradients=True)
+
+    def accumulate(self, model: nn.Module, last: bool):
+        if not self.fsdp:
+            return contextlib.nullcontext()
+        from lmforge.train.distributed import gradient_sync
+
+        return gradient_sync(model, self.ctx, sync=last)
+
     def sync_grads(self, params: list[torch.Tensor]) -> None:
         if not self.ctx.distributed:
+            return
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in params if not isinstance(p, DTensor)]  # FSDP reduced its shards' gradients in backward
+        if not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = self.ctx.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
@@ -309,9 +394,65 @@ class DataParallel:
             return list(values)
         return self.ctx.all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
+    def full_copy(self, model: nn.Module) -> nn.Module:
+        if not _is_fsdp(model):
+            return model
+        return _plain_copy(model, full_model_state(model, every_rank=True))
+
     def close(self) -> None:
         self.ctx.barrier()
         self.ctx.close()
+
+
+# FSDP cannot deep-copy a sharded module, so ``prepare`` keeps a twin of each one it shards: the same
+# modules and buffers with parameters on the meta device (no memory), to be filled with full weights.
+_SKELETONS: WeakKeyDictionary[nn.Module, nn.Module] = WeakKeyDictionary()
+
+
+def _skeleton(model: nn.Module) -> nn.Module:
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False) for p in model.parameters()}
+    return copy.deepcopy(model, memo)  # a tied matrix is one parameter, so it stays tied
+
+
+def _plain_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain module of ``model``'s structure holding the full weights ``state``, in eval mode."""
+    skeleton = _SKELETONS.get(model)
+    if skeleton is None:
+        raise ValueError(f"this {type(model).__name__} was sharded without DataParallel.prepare, which keeps its unsharded twin.")
+    memo = {id(p): nn.Parameter(state[name].detach(), requires_grad=False) for name, p in skeleton.named_parameters()}
+    return copy.deepcopy(skeleton, memo).eval()
+
+
+def _gathered(model: nn.Module) -> nn.Module | None:
+    """``model`` to write on rank 0: itself, or under FSDP a plain copy with its full weights (a
+    collective: every process calls it; the others get None)."""
+    return _exportable(model, full_model_state(model) if _is_fsdp(model) else None)
+
+
+def _exportable(model: nn.Module, state: dict[str, torch.Tensor] | None) -> nn.Module | None:
+    """``model`` itself when it is not sharded, else its plain copy from ``full_model_state`` (None off rank 0)."""
+    if not _is_fsdp(model):
+        return model
+    return _plain_copy(model, state) if state is not None else None
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def micro_batches(items: list, micro: int, dp: DataParallel | None = None) -> list[tuple[list, bool]]:
+    """``items`` as ``(chunk, counted)`` micro-batches of at most ``micro``: all of them alone (no
+    ``dp``), else this process's share. Under FSDP every forward gathers parameters with the other
+    processes, so each runs as many micro-batches as the largest share needs: a process short of
+    examples gets padding chunks (``counted`` False) whose loss it weights by 0 and whose numbers it
+    leaves out of the logged sums."""
+    mine = dp.shard(items) if dp is not None else items
+    chunks = [(mine[i : i + micro], True) for i in range(0, len(mine), micro)]
+    if dp is not None and dp.fsdp and items:
+        largest = -(-len(items) // dp.ctx.world_size)  # rank 0's share
+        chunks += [(items[:1], False)] * (-(-largest // micro) - len(chunks))
+    return chunks
 
 
 def _tuple(x):

@@ -25,7 +25,7 @@ from lmforge.align import losses as L
 from lmforge.align.logprobs import pack
 from lmforge.align.pairs import EncodedPair, encode_pairs, encode_prompt, encode_response, fit, read_pairs
 from lmforge.align.rl_common import (AlignConfig, DataParallel, Run, batch_indices, freeze_lower_layers, load_policy, lr_factor,
-                                     make_optimizer, progress_bar, seed_everything, split_eval)  # fmt: skip
+                                     make_optimizer, micro_batches, progress_bar, seed_everything, split_eval)  # fmt: skip
 from lmforge.errors import CheckpointError, UserError
 
 SEQ_CLS = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
@@ -229,11 +229,13 @@ def evaluate_reward_model(rm: RewardModel, pairs: list[EncodedPair], micro: int 
     torchrun each process scores its share of the pairs."""
     was = rm.training
     rm.eval()
-    mine = dp.shard(pairs) if dp is not None else pairs
+    chunks = micro_batches(pairs, micro, dp)
+    scored = [_scores(rm, chunk, micro) for chunk, _ in chunks]  # every chunk: under FSDP the processes run in step
+    mine = [s for s, (_, counted) in zip(scored, chunks) if counted]
     sums = [0.0, 0.0, 0.0]
     if mine:
-        c, r = _scores(rm, mine, micro)
-        sums = [(c > r).sum().item(), L.reward_model_loss(c, r).item() * len(mine), (c - r).sum().item()]
+        c, r = torch.cat([s[0] for s in mine]), torch.cat([s[1] for s in mine])
+        sums = [(c > r).sum().item(), L.reward_model_loss(c, r).item() * len(c), (c - r).sum().item()]
     rm.train(was)
     if dp is not None:
         sums = dp.sum(sums)
@@ -243,8 +245,9 @@ def evaluate_reward_model(rm: RewardModel, pairs: list[EncodedPair], micro: int 
 
 def train_reward_model(cfg: RMConfig, data: str | os.PathLike, out: str | os.PathLike, resume: bool = False) -> RMResult:
     """Train a reward model on the pairs of ``data``; the final model is ``out/final`` (HF format).
-    Under ``torchrun`` the processes share each batch (``DataParallel``) and rank 0 writes ``out``."""
-    with DataParallel() as dp:
+    Under ``torchrun`` the processes share each batch (``DataParallel``, ``cfg.strategy``: ddp or fsdp)
+    and rank 0 writes ``out``."""
+    with DataParallel(cfg.strategy) as dp:
         return _train_reward_model(cfg, data, out, resume, dp)
 
 
@@ -259,6 +262,7 @@ def _train_reward_model(cfg: RMConfig, data, out, resume: bool, dp: DataParallel
             if m is not None:
                 m.requires_grad_(True)
     rm.train()
+    rm = dp.prepare(rm)  # FSDP: sharded in place; the parameters below are its shards
     trainable = [p for p in rm.parameters() if p.requires_grad]
     encoded = encode_pairs(tok, pairs, min(cfg.max_length, rm.config.max_seq_len), cfg.chat)
     train, held = split_eval(encoded, cfg.eval_fraction, cfg.seed)
@@ -271,14 +275,16 @@ def _train_reward_model(cfg: RMConfig, data, out, resume: bool, dp: DataParallel
         for g in opt.param_groups:
             g["lr"] = cfg.learning_rate * lr_factor(step, cfg)
         batch = [train[i] for i in batch_indices(step, cfg.batch_size, len(train), cfg.seed)]
-        mine = dp.shard(batch)
+        chunks = micro_batches(batch, cfg.micro, dp)
         opt.zero_grad(set_to_none=True)
         sums = [0.0, 0.0, 0.0]  # loss, correct, margin (sums over the batch)
-        for i in range(0, len(mine), cfg.micro):
-            chunk = mine[i : i + cfg.micro]
-            c, r = _scores(rm, chunk, cfg.micro)
-            loss = L.reward_model_loss(c, r, center_coef=cfg.center_coef)
-            (loss * len(chunk) / len(batch)).backward()
+        for i, (chunk, counted) in enumerate(chunks):
+            with dp.accumulate(rm, last=i == len(chunks) - 1):
+                c, r = _scores(rm, chunk, cfg.micro)
+                loss = L.reward_model_loss(c, r, center_coef=cfg.center_coef)
+                (loss * len(chunk) / len(batch) if counted else loss * 0.0).backward()
+            if not counted:
+                continue
             sums[0] += loss.item() * len(chunk)
             sums[1] += (c > r).sum().item()
             sums[2] += (c - r).sum().item()
