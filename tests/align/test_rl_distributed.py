@@ -1,8 +1,10 @@
 """`lmforge ppo`, `lmforge grpo` and `lmforge cai` under torchrun (gloo, 2 processes) do what one
 process does: each process samples and trains on its share of a batch (3 prompts on one, 2 on the
 other), the whitening statistics / group rewards are taken over the whole batch and the gradients
-summed, so the metrics at every step and the final weights match one process within 1e-4; CAI
-writes the same files. Rollouts are seeded per prompt, which is what makes the shares independent."""
+summed, so the metrics at every step and the final weights match one process within 1e-4, with
+DDP and with FSDP2 (the policy sharded, rollouts sampled from its gathered weights, the value head
+replicated); CAI writes the same files. Rollouts are seeded per prompt, which is what makes the
+shares independent."""
 
 import pytest
 import torch
@@ -46,11 +48,12 @@ def assert_same_weights(one, two):
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=0, msg=k)
 
 
-def test_ppo_two_processes_follow_one(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_ppo_two_processes_follow_one(tmp_path, strategy):
     # micro-batches of one completion: PPO's token means are per micro-batch, so equal micro-batches
     # are what makes the losses equal (3 + 2 rows per process, mini-batches of 3 cut across both)
     recipe = dict(COMMON, batch_size=5, micro_batch_size=1, mini_batch_size=3, ppo_epochs=2, learning_rate=3e-3,
-                  kl_coef=0.05, kl_target=0.5, kl_horizon=100, whiten_rewards=True)  # fmt: skip
+                  kl_coef=0.05, kl_target=0.5, kl_horizon=100, whiten_rewards=True, strategy=strategy)  # fmt: skip
     one, a, b = run_both("ppo", lambda r, d, o: train_ppo(PPOConfig(**r), d, o), recipe, tmp_path)
     assert_same(a, b, ["score", "kl", "kl_coef", "length", "pg_loss", "vf_loss", "clip_fraction", "eval_reward", "eval_kl"])
     assert sum("eval_reward" in r for r in b) == 3 and a[-1]["score"] != a[1]["score"]
@@ -58,10 +61,11 @@ def test_ppo_two_processes_follow_one(tmp_path):
     assert_same_weights(one.model_dir, tmp_path / "two" / "final")
 
 
-def test_grpo_two_processes_follow_one(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_grpo_two_processes_follow_one(tmp_path, strategy):
     # scale_rewards=batch: every process needs the whole batch's rewards for the advantages
     recipe = dict(COMMON, batch_size=3, num_generations=4, micro_batch_size=4, learning_rate=3e-3, beta=0.04,
-                  num_iterations=2, scale_rewards="batch")  # fmt: skip
+                  num_iterations=2, scale_rewards="batch", strategy=strategy)  # fmt: skip
     one, a, b = run_both("grpo", lambda r, d, o: train_grpo(GRPOConfig(**r), d, o), recipe, tmp_path)
     assert_same(a, b, ["reward", "reward_std", "groups_with_signal", "loss", "kl", "clip_fraction", "length",
                        "eval_reward", "eval_kl"])  # fmt: skip

@@ -23,7 +23,7 @@ import torch
 from lmforge.align import losses as L
 from lmforge.align.logprobs import pack, response_logprobs, token_kl
 from lmforge.align.pairs import EncodedPair, encode_pairs, read_pairs
-from lmforge.align.rl_common import (AlignConfig, DataParallel, Run, batch_indices, freeze_lower_layers, frozen_copy, load_policy,
+from lmforge.align.rl_common import (AlignConfig, DataParallel, Run, batch_indices, clip_gradients, freeze_lower_layers, frozen_copy, load_policy,
                                      lr_factor, make_optimizer, micro_batches, progress_bar, seed_everything,
                                      split_eval)  # fmt: skip
 from lmforge.config import ConfigError
@@ -150,8 +150,7 @@ def _train_dpo(cfg: DPOConfig, data, out, resume: bool, dp: DataParallel) -> DPO
                                    c.sum().item(), r.sum().item())):  # fmt: skip
                 sums[k] += v
         dp.sync_grads(trainable)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        clip_gradients(trainable, cfg.grad_clip)
         opt.step()
         step += 1
         loss, kl, correct, chosen, rejected = (v / len(batch) for v in dp.sum(sums))

@@ -22,7 +22,7 @@ import torch
 from lmforge.align import losses as L
 from lmforge.align.logprobs import pack, response_logprobs
 from lmforge.align.ppo import RLResult, SamplingConfig, _setup, check_world, evaluate_policy, pad_id_of, rollout_logprobs
-from lmforge.align.rl_common import DataParallel, Run, batch_indices, lr_factor, make_optimizer, progress_bar
+from lmforge.align.rl_common import DataParallel, Run, batch_indices, clip_gradients, lr_factor, make_optimizer, progress_bar
 from lmforge.align.rollouts import draw_seed, sample_rollouts
 from lmforge.config import ConfigError
 
@@ -52,14 +52,16 @@ def train_grpo(cfg: GRPOConfig, data: str | os.PathLike, out: str | os.PathLike,
     """GRPO on the prompts of ``data`` with ``cfg.reward``; the final policy is ``out/final``.
     Under ``torchrun`` each process samples and trains on its share of the batch's prompts (whole
     groups); the rewards are gathered so every process computes the same advantages, gradients are
-    summed, and rank 0 writes ``out``."""
-    with DataParallel() as dp:
+    summed, and rank 0 writes ``out``. ``strategy=fsdp`` shards the policy; rollouts are sampled and
+    scored by a plain copy of its full weights gathered once per step (as in PPO)."""
+    with DataParallel(cfg.strategy) as dp:
         check_world(cfg, dp, "grpo")
         return _train_grpo(cfg, data, out, resume, dp)
 
 
 def _train_grpo(cfg: GRPOConfig, data, out, resume: bool, dp: DataParallel) -> RLResult:
     train, held, reward, eval_reward, policy, ref, tok = _setup(cfg, data, "grpo")
+    policy = dp.prepare(policy)  # after the reference was copied: FSDP shards the policy only
     pad_id = pad_id_of(policy, tok)
     opt = make_optimizer([policy], cfg)
     trainable = [p for g in opt.param_groups for p in g["params"]]
@@ -78,7 +80,8 @@ def _train_grpo(cfg: GRPOConfig, data, out, resume: bool, dp: DataParallel) -> R
             g["lr"] = cfg.learning_rate * lr_factor(step, cfg)
         records = [train[i] for i in batch_indices(step, cfg.batch_size, len(train), cfg.seed)]
         mine = dp.shard(list(range(len(records))))  # this process's prompts of the batch (all of them alone)
-        ro = sample_rollouts(policy, tok, [records[i] for i in mine], cfg, n=G, seed=draw_seed(), indices=mine)
+        sampler = dp.full_copy(policy)  # the policy itself, or under FSDP its gathered weights
+        ro = sample_rollouts(sampler, tok, [records[i] for i in mine], cfg, n=G, seed=draw_seed(), indices=mine)
         own = reward([r["prompt"] for r in ro.records], ro.texts, ro.records)
         every = [0.0] * (len(records) * G)  # the whole batch's rewards, gathered: advantages as one process has them
         for k, i in enumerate(mine):
@@ -86,33 +89,37 @@ def _train_grpo(cfg: GRPOConfig, data, out, resume: bool, dp: DataParallel) -> R
         rewards = torch.tensor(dp.sum(every), dtype=torch.float32, device=policy.device)
         rows_of = torch.tensor([i * G + j for i in mine for j in range(G)], device=policy.device)
         adv = L.group_advantages(rewards, G, cfg.scale_rewards)[rows_of]
-        old_logps = rollout_logprobs(policy, ro, pad_id, cfg.micro)[0] if cfg.num_iterations > 1 else None
+        old_logps = rollout_logprobs(sampler, ro, pad_id, cfg.micro)[0] if cfg.num_iterations > 1 else None
+        del sampler
         ref_logps = rollout_logprobs(ref, ro, pad_id, cfg.micro)[0] if cfg.beta else None
 
         stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0}
         rows_all = list(range(len(ro.response_ids)))
         total = len(records) * G  # completions in the whole batch
+        chunks = [(rows_all[m : m + cfg.micro], True) for m in range(0, len(rows_all), cfg.micro)]
+        if dp.fsdp:  # every forward gathers with the other processes: pad to the largest share
+            most = -(-len(records) // dp.ctx.world_size) * G
+            chunks += [([0], False)] * (-(-most // cfg.micro) - len(chunks))
         for _ in range(cfg.num_iterations):
             opt.zero_grad(set_to_none=True)
-            for m in range(0, len(rows_all), cfg.micro):
-                rows = rows_all[m : m + cfg.micro]
-                batch = pack([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad_id, policy.device)
-                R = batch.mask.shape[1]
-                sel = torch.tensor(rows, device=policy.device)
-                logps = response_logprobs(policy, batch)
-                old = old_logps[sel, :R] if old_logps is not None else logps.detach()
-                ref_lp = ref_logps[sel, :R] if ref_logps is not None else None
-                loss, s = L.grpo_loss(logps, old, ref_lp, adv[sel], batch.mask, beta=cfg.beta, clip=cfg.clip,
-                                      clip_high=cfg.clip_high, normalize=cfg.normalize)  # fmt: skip
-                share = len(rows) / total
-                (loss * share).backward()
+            for c, (rows, counted) in enumerate(chunks):
+                with dp.accumulate(policy, last=c == len(chunks) - 1):
+                    batch = pack([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad_id, policy.device)
+                    R = batch.mask.shape[1]
+                    sel = torch.tensor(rows, device=policy.device)
+                    logps = response_logprobs(policy, batch)
+                    old = old_logps[sel, :R] if old_logps is not None else logps.detach()
+                    ref_lp = ref_logps[sel, :R] if ref_logps is not None else None
+                    loss, s = L.grpo_loss(logps, old, ref_lp, adv[sel], batch.mask, beta=cfg.beta, clip=cfg.clip,
+                                          clip_high=cfg.clip_high, normalize=cfg.normalize)  # fmt: skip
+                    share = len(rows) / total if counted else 0.0  # padding weighs nothing
+                    (loss * share).backward()
                 stats["loss"] += loss.item() * share / cfg.num_iterations
                 stats["clip_fraction"] += s["clip_fraction"].item() * share / cfg.num_iterations
                 if "kl" in s:
                     stats["kl"] += s["kl"].item() * share / cfg.num_iterations
             dp.sync_grads(trainable)
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            clip_gradients(trainable, cfg.grad_clip)
             opt.step()
         step += 1
         sums = dp.sum([*stats.values(), float(sum(len(r) for r in ro.response_ids))])

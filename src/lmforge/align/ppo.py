@@ -33,8 +33,8 @@ from lmforge.align import losses as L
 from lmforge.align.logprobs import pack, response_logprobs
 from lmforge.align.pairs import read_prompt_records
 from lmforge.align.rewards import resolve_reward
-from lmforge.align.rl_common import (AlignConfig, DataParallel, Run, batch_indices, freeze_lower_layers, frozen_copy,
-                                     load_policy, lr_factor, make_optimizer, progress_bar, seed_everything,
+from lmforge.align.rl_common import (AlignConfig, DataParallel, Run, batch_indices, clip_gradients, freeze_lower_layers,
+                                     frozen_copy, load_policy, lr_factor, make_optimizer, progress_bar, seed_everything,
                                      split_eval)  # fmt: skip
 from lmforge.align.rollouts import Rollout, draw_seed, sample_rollouts
 from lmforge.config import ConfigError
@@ -135,9 +135,11 @@ def evaluate_policy(policy, ref, tok, records: list[dict], cfg: SamplingConfig, 
                     dp: DataParallel | None = None) -> dict[str, float]:  # fmt: skip
     """Sample the held-out prompts (seeded by ``cfg.seed``: the same completions at every evaluation
     of the same weights), score them with the evaluation reward, and measure the sequence-level KL
-    (k1, summed over tokens) to the reference. Under torchrun each process takes its share."""
+    (k1, summed over tokens) to the reference. Under torchrun each process takes its share (every
+    process calls this: under FSDP it gathers the policy's full weights first)."""
     if not records:
         return {}
+    policy = dp.full_copy(policy) if dp is not None else policy
     idx = dp.shard(list(range(len(records)))) if dp is not None else list(range(len(records)))
     sums = [0.0, 0.0, 0.0]  # reward, KL, length
     if idx:
@@ -183,14 +185,18 @@ def train_ppo(cfg: PPOConfig, data: str | os.PathLike, out: str | os.PathLike, r
     """PPO on the prompts of ``data`` with ``cfg.reward``; the final policy is ``out/final``.
     Under ``torchrun`` each process samples, scores and trains on its share of every batch (the
     statistics that whiten advantages are taken over the whole batch, gradients summed) and rank 0
-    writes ``out``; see ``_train_ppo``."""
-    with DataParallel() as dp:
+    writes ``out``. ``strategy=fsdp`` shards the policy (FSDP2); each step every process gathers its
+    full weights once into a plain copy that samples the rollouts and scores them (old log-probs,
+    values), the way TRL gathers ZeRO-3 weights for generation; the value head and the reference
+    stay full replicas."""
+    with DataParallel(cfg.strategy) as dp:
         check_world(cfg, dp, "ppo")
         return _train_ppo(cfg, data, out, resume, dp)
 
 
 def _train_ppo(cfg: PPOConfig, data, out, resume: bool, dp: DataParallel) -> RLResult:
     train, held, reward, eval_reward, policy, ref, tok = _setup(cfg, data, "ppo")
+    policy = dp.prepare(policy)  # after the reference was copied: FSDP shards the policy only
     pad_id = pad_id_of(policy, tok)
     value_head = ValueHead(policy.config.n_embd).to(policy.device)
     kl_ctl = L.KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -214,11 +220,13 @@ def _train_ppo(cfg: PPOConfig, data, out, resume: bool, dp: DataParallel) -> RLR
             g["lr"] = cfg.learning_rate * lr_factor(step, cfg)
         records = [train[i] for i in batch_indices(step, cfg.batch_size, len(train), cfg.seed)]
         mine = dp.shard(list(range(len(records))))  # this process's rows of the batch (all of them alone)
-        ro = sample_rollouts(policy, tok, [records[i] for i in mine], cfg, seed=draw_seed(), indices=mine)
+        sampler = dp.full_copy(policy)  # the policy itself, or under FSDP its gathered weights
+        ro = sample_rollouts(sampler, tok, [records[i] for i in mine], cfg, seed=draw_seed(), indices=mine)
         scores = torch.tensor(reward([r["prompt"] for r in ro.records], ro.texts, ro.records), device=policy.device)
 
         # --- rewards, values, advantages (no gradients); whitening statistics over the whole batch ---
-        old_logps, old_values, mask = rollout_logprobs(policy, ro, pad_id, cfg.micro, value_head)
+        old_logps, old_values, mask = rollout_logprobs(sampler, ro, pad_id, cfg.micro, value_head)
+        del sampler
         ref_logps, _, _ = rollout_logprobs(ref, ro, pad_id, cfg.micro)
         rewards, kl = L.token_rewards(scores, old_logps, ref_logps, mask, kl_ctl.value, cfg.kl_estimator)
         if cfg.whiten_rewards:
@@ -236,26 +244,29 @@ def _train_ppo(cfg: PPOConfig, data, out, resume: bool, dp: DataParallel) -> RLR
             for s in range(0, len(order), mini):
                 idx = order[s : s + mini]
                 own = [local[i] for i in idx if i in local]
+                chunks = [(own[m : m + cfg.micro], True) for m in range(0, len(own), cfg.micro)]
+                if dp.fsdp:  # every forward gathers with the other processes: pad to the largest share
+                    most = max(sum(i % dp.ctx.world_size == r for i in idx) for r in range(dp.ctx.world_size))
+                    chunks += [([0], False)] * (-(-most // cfg.micro) - len(chunks))
                 opt.zero_grad(set_to_none=True)
-                for m in range(0, len(own), cfg.micro):
-                    rows = own[m : m + cfg.micro]
-                    batch = pack([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad_id, policy.device)
-                    R = batch.mask.shape[1]
-                    logps, h = response_logprobs(policy, batch, return_hidden=True)
-                    values = value_head(h)
-                    sel = torch.tensor(rows, device=policy.device)
-                    mk, a, ret = batch.mask, adv[sel, :R], returns[sel, :R]
-                    per_token, clipped = L.policy_loss(logps, old_logps[sel, :R], a, mk, cfg.clip)
-                    pg = L.masked_mean(per_token, mk)
-                    vf, vf_clip = L.value_loss(values, old_values[sel, :R], ret, mk, cfg.value_clip)
-                    share = len(rows) / len(idx)
-                    ((pg + cfg.vf_coef * vf) * share).backward()
+                for c, (rows, counted) in enumerate(chunks):
+                    with dp.accumulate(policy, last=c == len(chunks) - 1):
+                        batch = pack([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad_id, policy.device)
+                        R = batch.mask.shape[1]
+                        logps, h = response_logprobs(policy, batch, return_hidden=True)
+                        values = value_head(h)
+                        sel = torch.tensor(rows, device=policy.device)
+                        mk, a, ret = batch.mask, adv[sel, :R], returns[sel, :R]
+                        per_token, clipped = L.policy_loss(logps, old_logps[sel, :R], a, mk, cfg.clip)
+                        pg = L.masked_mean(per_token, mk)
+                        vf, vf_clip = L.value_loss(values, old_values[sel, :R], ret, mk, cfg.value_clip)
+                        share = len(rows) / len(idx) if counted else 0.0  # padding weighs nothing
+                        ((pg + cfg.vf_coef * vf) * share).backward()
                     for k, v in (("pg_loss", pg), ("vf_loss", vf), ("clip_fraction", L.masked_mean(clipped, mk)),
                                  ("vf_clip_fraction", vf_clip)):  # fmt: skip
                         stats[k] += v.item() * share
                 dp.sync_grads(trainable)
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                clip_gradients(trainable, cfg.grad_clip)
                 opt.step()
                 n_updates += 1
         step += 1

@@ -441,6 +441,27 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> None:
+    """Scale the gradients so their global norm is at most ``max_norm`` (0: off), for any mix of
+    plain and FSDP-sharded (DTensor) parameters: PPO's replicated value head beside a sharded policy,
+    which ``torch.nn.utils.clip_grad_norm_`` refuses to combine."""
+    if not max_norm:
+        return
+    from torch.distributed.tensor import DTensor
+
+    with_grad = [p for p in params if p.grad is not None]
+    sharded = [p for p in with_grad if isinstance(p.grad, DTensor)]
+    plain = [p for p in with_grad if not isinstance(p.grad, DTensor)]
+    if not sharded or not plain:
+        torch.nn.utils.clip_grad_norm_(with_grad, max_norm)
+        return
+    a = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()
+    b = torch.nn.utils.get_total_norm([p.grad for p in plain])
+    total = torch.sqrt(a.float() ** 2 + b.float() ** 2)
+    torch.nn.utils.clip_grads_with_norm_(sharded, max_norm, total)
+    torch.nn.utils.clip_grads_with_norm_(plain, max_norm, total)
+
+
 def micro_batches(items: list, micro: int, dp: DataParallel | None = None) -> list[tuple[list, bool]]:
     """``items`` as ``(chunk, counted)`` micro-batches of at most ``micro``: all of them alone (no
     ``dp``), else this process's share. Under FSDP every forward gathers parameters with the other

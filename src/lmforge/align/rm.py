@@ -24,7 +24,7 @@ from torch import nn
 from lmforge.align import losses as L
 from lmforge.align.logprobs import pack
 from lmforge.align.pairs import EncodedPair, encode_pairs, encode_prompt, encode_response, fit, read_pairs
-from lmforge.align.rl_common import (AlignConfig, DataParallel, Run, batch_indices, freeze_lower_layers, load_policy, lr_factor,
+from lmforge.align.rl_common import (AlignConfig, DataParallel, Run, batch_indices, clip_gradients, freeze_lower_layers, load_policy, lr_factor,
                                      make_optimizer, micro_batches, progress_bar, seed_everything, split_eval)  # fmt: skip
 from lmforge.errors import CheckpointError, UserError
 
@@ -289,8 +289,7 @@ def _train_reward_model(cfg: RMConfig, data, out, resume: bool, dp: DataParallel
             sums[1] += (c > r).sum().item()
             sums[2] += (c - r).sum().item()
         dp.sync_grads(trainable)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        clip_gradients(trainable, cfg.grad_clip)
         opt.step()
         step += 1
         loss, correct, margin = (v / len(batch) for v in dp.sum(sums))
