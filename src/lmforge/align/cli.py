@@ -39,6 +39,7 @@ def add_parser(sub) -> None:
     s = sub.add_parser(
         "cai", allow_abbrev=False,
         help="Constitutional AI: critique and revise responses (an SFT set), then judge pairs (a preference set)",
+        epilog="Run under `torchrun --nproc_per_node N` to share the generation among N processes (rank 0 writes).",
     )  # fmt: skip
     s.add_argument("config", help="YAML recipe (see configs/align/cai-*.yaml); names the constitution file")
     s.add_argument("--data", required=True, help="prompts: a .txt file (one per line) or .jsonl with a 'prompt' field")

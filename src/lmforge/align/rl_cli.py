@@ -58,7 +58,8 @@ VERBS = {
 def add_parser(sub) -> None:
     for verb, (func, help_text, data_help) in VERBS.items():
         s = sub.add_parser(verb, allow_abbrev=False, help=help_text,
-                           epilog="Any recipe key can be overridden as --key=value (see docs/align-rl.md).")  # fmt: skip
+                           epilog="Any recipe key can be overridden as --key=value (see docs/align-rl.md). Run under "
+                                  "`torchrun --nproc_per_node N` for DDP (--strategy=ddp) or FSDP2 (--strategy=fsdp).")  # fmt: skip
         s.add_argument("config", help="YAML recipe (see configs/)")
         s.add_argument("--data", required=True, help=data_help)
         s.add_argument("--out", required=True, help="run directory: metrics.jsonl, curves.png, checkpoints/, final/")
