@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from lmforge.align.cai import load_cai_recipe, load_constitution, parse_verdict, run_cai
+from lmforge.align.chat_data import ChatDataError
 from lmforge.align.tasks import cai_prompts, has_phone_number, violations
 from lmforge.cli import main
 from lmforge.config import ConfigError
@@ -105,3 +106,37 @@ def test_cli_bad_prompts_file_exits_2_and_writes_nothing(work, tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and re.search(r"p\.jsonl:2: the line has no string 'prompt'", err) and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_redoes_only_the_unfinished_generation(work, tmp_path, monkeypatch):
+    import lmforge
+
+    whole = run_cai(recipe(work), work / "prompts.jsonl", tmp_path / "whole")
+    assert not (tmp_path / "whole" / ".cai-work").exists()  # the pieces go once the files are written
+    real, calls = lmforge.generate, []
+
+    def failing(*a, **kw):  # the run is stopped after 4 chunks of generation
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(lmforge, "generate", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run_cai(recipe(work), work / "prompts.jsonl", tmp_path / "cut")
+    assert len(list((tmp_path / "cut" / ".cai-work").glob("*.json"))) == 4 and not (tmp_path / "cut" / "sft.jsonl").exists()
+
+    counted = []
+    monkeypatch.setattr(lmforge, "generate", lambda *a, **kw: counted.append(1) or real(*a, **kw))
+    resumed = run_cai(recipe(work), work / "prompts.jsonl", tmp_path / "cut", resume=True)
+    assert resumed == whole
+    for name in ("sft.jsonl", "preferences.jsonl"):
+        assert (tmp_path / "cut" / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    # 6 prompts in chunks of 4: 2 chunks each of responses, critiques, revisions, pairs, judge (12 questions: 3)
+    assert len(counted) == 11 - 4
+
+
+def test_resume_without_a_stopped_run_is_one_sentence(work, tmp_path):
+    with pytest.raises(ChatDataError, match=r"--resume: .* holds no unfinished CAI run \(\.cai-work/\); run without --resume\."):
+        run_cai(recipe(work), work / "prompts.jsonl", tmp_path / "none", resume=True)
+    assert not (tmp_path / "none").exists()

@@ -24,15 +24,19 @@ Outputs: ``sft.jsonl`` (for ``lmforge sft``), ``preferences.jsonl`` (for DPO / a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 
 from lmforge.align.chat_data import ChatDataError, write_jsonl
+
+WORK_DIR = ".cai-work"  # finished pieces of generation of a run in progress (for --resume)
 from lmforge.align.recipe import AlignRecipe, load_align_recipe
 from lmforge.config import ConfigError
 
@@ -125,49 +129,101 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
 
 
 # --- who writes: the policy, and the critic/judge -----------------------------------------------------
-class LocalChat:
-    """Chat replies from an lmforge model through the public ``lmforge.generate``. With ``dp`` (under
-    torchrun) the processes share the chunks of each call and every process gets every reply."""
+class Work:
+    """How a CAI run does its generation: the pieces (a chunk of generate calls, an endpoint request)
+    shared among the processes under torchrun (every world-th each, results gathered in order on
+    every process), a progress bar per phase, and each finished piece kept in ``OUT/.cai-work/``
+    (one JSON file per piece, named by the hash of what produced it, written atomically), so that
+    ``--resume`` redoes only the pieces a stopped run had not finished. The folder goes when the run
+    has written its files."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, dp=None):
+    def __init__(self, directory: Path | None = None, dp=None, progress: bool = True):
+        self.directory, self.dp, self.progress = directory, dp, progress
+        self.main = dp is None or dp.main
+
+    def start(self, resume: bool) -> None:
+        """Keep the finished pieces (``resume``) or begin afresh; the folder is made here."""
+        if self.directory is not None and self.main:
+            if not resume:
+                shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory.mkdir(parents=True, exist_ok=True)
+        if self.dp is not None:
+            self.dp.ctx.barrier()
+
+    def map(self, desc: str, items: list, key_of, work) -> list:
+        """``[work(x) for x in items]``; ``key_of(x)`` is a JSON-able description of what ``work(x)`` returns."""
+        from tqdm.auto import tqdm
+
+        distributed = self.dp is not None and self.dp.ctx.distributed
+        rank, world = (self.dp.ctx.rank, self.dp.ctx.world_size) if distributed else (0, 1)
+        mine = []
+        for x in tqdm(items[rank::world], desc=desc, disable=not (self.progress and self.main), dynamic_ncols=True):
+            mine.append(self._one(key_of(x), lambda: work(x)))
+        if not distributed:
+            return mine
+        import torch.distributed as dist
+
+        every: list = [None] * world
+        dist.all_gather_object(every, mine)
+        out: list = [None] * len(items)
+        for r, results in enumerate(every):
+            out[r::world] = results
+        return out
+
+    def _one(self, key, compute):
+        if self.directory is None:
+            return compute()
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        path = self.directory / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+        result = compute()
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(result), encoding="utf-8")
+        os.replace(tmp, path)
+        return result
+
+    def close(self) -> None:
+        if self.dp is not None:
+            self.dp.ctx.barrier()
+        if self.directory is not None and self.main:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class LocalChat:
+    """Chat replies from an lmforge model through the public ``lmforge.generate``, in chunks of
+    ``batch_size`` conversations (``Work``: shared under torchrun, resumable)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, work: Work | None = None, name: str = "model"):
         if tokenizer.chat_template is None:
             raise ConfigError("the model's tokenizer has no chat template, so it cannot act as critic or judge; use critic: URL.")
-        self.model, self.tokenizer, self.batch_size, self.dp = model, tokenizer, batch_size, dp
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.work, self.name = work or Work(), name
 
     def chat(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None, n: int = 1) -> list:  # fmt: skip
+             seed: int | None = None, n: int = 1, desc: str = "generate") -> list:  # fmt: skip
         """One reply per conversation (a list of ``n`` when n > 1)."""
         from lmforge import generate
 
+        size = self.batch_size
+
+        def settings(i):
+            return dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        seed=None if seed is None else seed + i, n=n)  # fmt: skip
+
         def chunk(i):
-            out = generate(self.model, self.tokenizer, conversations[i : i + self.batch_size], max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_p=top_p, seed=None if seed is None else seed + i, n=n)  # fmt: skip
+            out = generate(self.model, self.tokenizer, conversations[i : i + size], **settings(i))
             return [[r.strip() for r in x] if n > 1 else x.strip() for x in out]
 
-        return [r for part in shared(self.dp, list(range(0, len(conversations), self.batch_size)), chunk) for r in part]
-
-
-def shared(dp, items: list, work) -> list:
-    """``[work(x) for x in items]``, the items shared among the processes under torchrun (every
-    world-th one each) and the results gathered in order on every process."""
-    if dp is None or not dp.ctx.distributed:
-        return [work(x) for x in items]
-    import torch.distributed as dist
-
-    rank, world = dp.ctx.rank, dp.ctx.world_size
-    mine = [work(x) for x in items[rank::world]]
-    every: list = [None] * world
-    dist.all_gather_object(every, mine)
-    out: list = [None] * len(items)
-    for r, results in enumerate(every):
-        out[r::world] = results
-    return out
+        key = lambda i: [self.name, conversations[i : i + size], settings(i)]  # noqa: E731
+        return [r for part in self.work.map(desc, list(range(0, len(conversations), size)), key, chunk) for r in part]
 
 
 class EndpointChat:
     """Chat replies from an OpenAI-compatible endpoint (``lmforge serve``, vLLM, ...)."""
 
-    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, http_client=None, dp=None):
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None, http_client=None,
+                 work: Work | None = None):  # fmt: skip
         try:
             from openai import OpenAI
         except ImportError:
@@ -175,19 +231,20 @@ class EndpointChat:
         self.client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "unused",
                              http_client=http_client)  # fmt: skip
         self.model = model or self.client.models.list().data[0].id
-        self.dp = dp
+        self.base_url, self.work = base_url, work or Work()
 
     def chat(self, conversations: list[list[dict]], *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None, n: int = 1) -> list:  # fmt: skip
+             seed: int | None = None, n: int = 1, desc: str = "ask the endpoint") -> list:  # fmt: skip
+        def settings(i):
+            return dict(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=None if seed is None else seed + i, n=n)
+
         def ask(i):
-            reply = self.client.chat.completions.create(
-                model=self.model, messages=conversations[i], max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                seed=None if seed is None else seed + i, n=n,
-            )  # fmt: skip
+            reply = self.client.chat.completions.create(model=self.model, messages=conversations[i], **settings(i))
             texts = [(c.message.content or "").strip() for c in reply.choices]
             return texts if n > 1 else texts[0]
 
-        return shared(self.dp, list(range(len(conversations))), ask)
+        key = lambda i: [self.base_url, self.model, conversations[i], settings(i)]  # noqa: E731
+        return self.work.map(desc, list(range(len(conversations))), key, ask)
 
 
 # --- the two stages -----------------------------------------------------------------------------------
@@ -196,14 +253,15 @@ def critique_and_revise(policy, critic, prompts: list[str], principles: list[Pri
     rng = random.Random(seed)
     chosen = [rng.choice(principles) for _ in prompts]
     asked = [[{"role": "user", "content": p}] for p in prompts]
-    responses = policy.chat(asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
+    responses = policy.chat(asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed,
+                            desc="stage 1: responses")  # fmt: skip
     critique_turns = [a + [{"role": "assistant", "content": r}, {"role": "user", "content": f"Critique request: {pr.critique}"}]
                       for a, r, pr in zip(asked, responses, chosen)]  # fmt: skip
-    critiques = critic.chat(critique_turns, max_new_tokens=cfg.max_new_tokens)
+    critiques = critic.chat(critique_turns, max_new_tokens=cfg.max_new_tokens, desc="stage 1: critiques")
     revision_turns = [t + [{"role": "assistant", "content": c},
                            {"role": "user", "content": f"Revision request: {pr.revision} Write only the revised response."}]
                       for t, c, pr in zip(critique_turns, critiques, chosen)]  # fmt: skip
-    revisions = critic.chat(revision_turns, max_new_tokens=cfg.max_new_tokens)
+    revisions = critic.chat(revision_turns, max_new_tokens=cfg.max_new_tokens, desc="stage 1: revisions")
     records = []
     for p, pr, r, c, v in zip(prompts, chosen, responses, critiques, revisions):
         if v:
@@ -234,13 +292,13 @@ def preference_pairs(policy, judge, prompts: list[str], principles: list[Princip
     chosen = [rng.choice(principles) for _ in prompts]
     asked = [[{"role": "user", "content": p}] for p in prompts]
     samples = policy.chat(asked, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                          seed=seed + 1, n=2)  # fmt: skip
+                          seed=seed + 1, n=2, desc="stage 2: response pairs")  # fmt: skip
     keep = [i for i, (a, b) in enumerate(samples) if a and b and a != b]
     questions = []
     for i in keep:
         a, b = samples[i]
         questions += [judge_prompt(prompts[i], chosen[i], a, b), judge_prompt(prompts[i], chosen[i], b, a)]
-    verdicts = [parse_verdict(v) for v in judge.chat(questions, max_new_tokens=cfg.judge_max_new_tokens)]
+    verdicts = [parse_verdict(v) for v in judge.chat(questions, max_new_tokens=cfg.judge_max_new_tokens, desc="stage 2: judge")]
     records, stats = [], {"pairs_sampled": len(prompts), "identical_or_empty": len(prompts) - len(keep), "unclear": 0, "inconsistent": 0}
     for k, i in enumerate(keep):
         first, swapped = verdicts[2 * k], verdicts[2 * k + 1]
@@ -255,17 +313,18 @@ def preference_pairs(policy, judge, prompts: list[str], principles: list[Princip
     return records, stats
 
 
-def run_cai(recipe: AlignRecipe[CAIConfig], data, out_dir: str | os.PathLike, *, http_client=None) -> dict:
+def run_cai(recipe: AlignRecipe[CAIConfig], data, out_dir: str | os.PathLike, *, http_client=None, resume: bool = False) -> dict:
     """Both stages over the prompts in ``data``; writes sft.jsonl, preferences.jsonl and
-    cai_summary.json into ``out_dir`` and returns the summary. Under ``torchrun`` the processes
+    cai_summary.json into ``out_dir`` and returns the summary. ``resume``: reuse the generation a
+    stopped run of the same recipe finished (``OUT/.cai-work``). Under ``torchrun`` the processes
     share the generation (the same files as one process; rank 0 writes them)."""
     from lmforge.align.rl_common import DataParallel
 
     with DataParallel() as dp:
-        return _run_cai(recipe, data, out_dir, http_client, dp)
+        return _run_cai(recipe, data, out_dir, http_client, dp, resume)
 
 
-def _run_cai(recipe: AlignRecipe[CAIConfig], data, out_dir, http_client, dp) -> dict:
+def _run_cai(recipe: AlignRecipe[CAIConfig], data, out_dir, http_client, dp, resume: bool) -> dict:
     from lmforge import load_model, load_tokenizer
 
     cfg, seed = recipe.method, recipe.train.seed
@@ -275,10 +334,14 @@ def _run_cai(recipe: AlignRecipe[CAIConfig], data, out_dir, http_client, dp) -> 
     principles = load_constitution(constitution)
     prompts = read_prompts(data)[: cfg.max_prompts]
     stages = set(cfg.stages.replace(" ", "").split(","))
-    model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
-    policy = LocalChat(model, tokenizer, recipe.train.batch_size, dp)
-    critic = policy if cfg.critic == "self" else EndpointChat(cfg.critic, cfg.critic_model, cfg.critic_api_key, http_client, dp)
     out = Path(out_dir)
+    if resume and not (out / WORK_DIR).is_dir():
+        raise ChatDataError(f"--resume: {out} holds no unfinished CAI run ({WORK_DIR}/); run without --resume.")
+    model, tokenizer = load_model(cfg.model), load_tokenizer(cfg.model)
+    work = Work(out / WORK_DIR, dp, recipe.train.progress)
+    policy = LocalChat(model, tokenizer, recipe.train.batch_size, work, str(cfg.model))
+    critic = policy if cfg.critic == "self" else EndpointChat(cfg.critic, cfg.critic_model, cfg.critic_api_key, http_client, work)
+    work.start(resume)  # nothing is written before the inputs are known to be good
     summary = {"prompts": len(prompts), "principles": [p.name for p in principles], "critic": cfg.critic, "seed": seed}
     if "1" in stages:
         records = critique_and_revise(policy, critic, prompts, principles, cfg, seed)
@@ -294,4 +357,5 @@ def _run_cai(recipe: AlignRecipe[CAIConfig], data, out_dir, http_client, dp) -> 
         (out / ".cai_summary.json.tmp").write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(out / ".cai_summary.json.tmp", out / "cai_summary.json")
         print(json.dumps(summary))
+    work.close()
     return summary

@@ -21,7 +21,7 @@ def cmd_lora_merge(args: argparse.Namespace) -> None:
 def cmd_cai(args: argparse.Namespace) -> None:
     from lmforge.align.cai import load_cai_recipe, run_cai
 
-    run_cai(load_cai_recipe(args.config, args.overrides), args.data, args.out)
+    run_cai(load_cai_recipe(args.config, args.overrides), args.data, args.out, resume=args.resume)
 
 
 def add_parser(sub) -> None:
@@ -44,6 +44,7 @@ def add_parser(sub) -> None:
     s.add_argument("config", help="YAML recipe (see configs/align/cai-*.yaml); names the constitution file")
     s.add_argument("--data", required=True, help="prompts: a .txt file (one per line) or .jsonl with a 'prompt' field")
     s.add_argument("--out", required=True, help="output directory: sft.jsonl, preferences.jsonl, cai_summary.json")
+    s.add_argument("--resume", action="store_true", help="reuse the generation a stopped run of the same recipe finished")
     s.set_defaults(func=cmd_cai, accepts_overrides=True)
 
     s = sub.add_parser("lora", help="LoRA adapters: merge one into its base model")
