@@ -160,7 +160,9 @@ class PagedDecodeStep:
     Graphs are built in a background thread while the engine keeps stepping eagerly: bucket 1 at
     once, then each bucket the first time a decode batch of its size arrives (only the sizes the
     traffic uses are compiled; a compile takes a minute or more on a 2-core CPU, seconds from the
-    disk cache). Weights are frozen into the graphs as constants (quantized: int4/int8 kernels)."""
+    disk cache). Weights are frozen into the graphs as constants (quantized: int4/int8 kernels).
+    The thread lives only while buckets are queued (a later bucket starts a new one), so an engine
+    nobody shuts down -- a ``Generator``'s -- leaves no thread behind to hold up the interpreter's exit."""
 
     def __init__(self, model, max_batch: int = BATCH_BUCKETS[-1]):
         from lmforge.inference.quantize import Int8Linear
@@ -175,10 +177,13 @@ class PagedDecodeStep:
                                       mode="max-autotune-no-cudagraphs" if int8 else "default")  # fmt: skip
         self.built: set[int] = set()
         self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
+        self.thread: threading.Thread | None = None  # the latest builder thread
+        self._runner: "ModelRunner | None" = None
         self._wanted: list[int] = [self.buckets[0]]  # buckets to compile, in order
         self._cv = threading.Condition()
+        self._building = False  # a builder thread is running (it ends once nothing is queued)
         self._stopping = False
+        self._started = 0.0
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
@@ -194,20 +199,33 @@ class PagedDecodeStep:
         with self._cv:
             if b not in self._wanted:
                 self._wanted.append(b)
-                self._cv.notify()
+                self._spawn()
         return False
 
     def start(self, runner: "ModelRunner") -> None:
+        self._runner, self._started = runner, time.perf_counter()
+        with self._cv:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        """Start a builder thread unless one is running (call with ``_cv`` held)."""
+        if self._building or self._stopping or self._runner is None or self.error is not None:
+            return
         # not a daemon: a compile cut off at interpreter exit aborts the process; ``stop`` ends the
         # thread after the graph in progress (whose artifacts then stay in the disk cache)
-        self.thread = threading.Thread(target=self._build, args=(runner,), name="lmforge-paged-compile")
+        self._building = True
+        self.thread = threading.Thread(target=self._build, args=(self._runner,), name="lmforge-paged-compile")
         self.thread.start()
+
+    @property
+    def building(self) -> bool:
+        """Whether a builder thread is running (compiling a graph, or about to)."""
+        return self._building
 
     def stop(self) -> None:
         with self._cv:
             self._stopping = True
-            self._cv.notify()
-            if self._wanted and self.error is None and self.thread is not None and self.thread.is_alive():
+            if self._wanted and self.error is None and self._building:
                 log.info("finishing the decode graph being compiled, so the next start finds it in the disk cache "
                          "(Ctrl-C again skips it)")  # fmt: skip
 
@@ -217,23 +235,27 @@ class PagedDecodeStep:
         return len(self._wanted)
 
     def wait(self, buckets: Sequence[int], timeout: float | None = None) -> bool:
-        """Queue ``buckets`` and wait until they are built (benchmarks, tests); False on timeout or failure."""
+        """Queue ``buckets`` and wait until they are built; False on timeout, failure or ``stop``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for b in buckets:
             self.ready(b)
-        while not all(self.bucket(b) in self.built for b in buckets):
-            if self.error is not None or (deadline is not None and time.monotonic() > deadline):
+
+        def done() -> bool:
+            return all(self.bucket(b) in self.built for b in buckets)
+
+        while not done():
+            if not self._building:  # failed, stopped, or (a bucket is built before its thread ends) just done
+                return done()
+            if deadline is not None and time.monotonic() > deadline:
                 return False
             time.sleep(0.1)
         return True
 
     def _build(self, runner: "ModelRunner") -> None:
-        start = time.perf_counter()
         while True:
             with self._cv:
-                while not self._stopping and not self._wanted:
-                    self._cv.wait()
-                if self._stopping:
+                if self._stopping or not self._wanted:
+                    self._building = False
                     return
                 b = self._wanted[0]
             try:
@@ -246,13 +268,15 @@ class PagedDecodeStep:
             except Exception as e:  # noqa: BLE001 - decoding stays eager; say why
                 self.error = e
                 log.warning("compiling the paged decode step failed (%s: %s); decode steps stay eager", type(e).__name__, e)
+                with self._cv:
+                    self._building = False
                 return
             self.built.add(b)
             with self._cv:
                 self._wanted.remove(b)
             if len(self.built) == 1:
                 log.info("decode steps switch to compiled graphs (the first built in the background in %.0f s)",
-                         time.perf_counter() - start)  # fmt: skip
+                         time.perf_counter() - self._started)  # fmt: skip
             else:
                 log.info("compiled the decode graph for batches of up to %d sequences (%.0f s)", b, time.perf_counter() - t0)
 
