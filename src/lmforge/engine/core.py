@@ -85,6 +85,7 @@ class SequenceOutput:
     error: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with a sequence's first output, if asked: None first
     error_status: int | None = None  # with an error: 400 when the request caused it (its grammar, its parameters), else 500
+    exception: Exception | None = None  # with an error: what was raised, for a synchronous client to raise again
 
 
 def failure(e: Exception) -> tuple[str, int]:
@@ -120,14 +121,14 @@ class SeqResult:
 class Sequence:
     """One sample being generated: its tokens, KV blocks, random stream and output."""
 
-    def __init__(self, request: "Request", index: int, start: list[int], out: OutputProcessor):
+    def __init__(self, request: "Request", index: int, start: list[int], out: OutputProcessor, device=None):
         self.request, self.index, self.out = request, index, out
         self.tokens = list(start)  # what the cache holds: the prompt (decoder-only) + generated
         self.num_prompt = len(start)
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.table: list[int] = []  # block table
         self.hashes: list[bytes] = []  # hashes of the full blocks of the table, in order
-        self.generator = make_generator(request.params, sample_index=index)
+        self.generator = make_generator(request.params, device, sample_index=index)  # on the logits' device
         self.cross = None  # encoder-decoder: each decoder layer's cross-attention K/V of the prompt
         # prompt logprobs, when asked: position p -> logprob of prompt token p (p >= 1). Every prompt
         # token must then go through the model, so such a sequence takes nothing from the prefix cache.
@@ -257,7 +258,7 @@ class Engine:
         stop_ids = stop_token_ids(params, self.model.config, self.tokenizer)
         budget = token_budget(len(prompt), params.max_new_tokens, self.model.config, self.max_model_len)
         start = self.runner.start_tokens(prompt)
-        req.seqs = [Sequence(req, i, start, OutputProcessor(params, stop_ids, budget, self.tokenizer, prompt))
+        req.seqs = [Sequence(req, i, start, OutputProcessor(params, stop_ids, budget, self.tokenizer, prompt), self.device)
                     for i in range(params.n)]  # fmt: skip
         with self._cv:
             if self._stopping:
@@ -340,7 +341,7 @@ class Engine:
         if len(units) == 1:
             seq = (decodes or [prefills[0][0]])[0]
             log.error("engine step failed for request %s: %s", seq.request.id, error, exc_info=error)
-            self._finish_request(seq.request, "error", outputs, error=failure(error))
+            self._finish_request(seq.request, "error", outputs, error=failure(error), exception=error)
             return
         log.warning("engine step of %d sequences failed (%s: %s); running them one by one", len(units),
                     type(error).__name__, error)  # fmt: skip
@@ -352,7 +353,7 @@ class Engine:
                 self._run(d, p, outputs)
             except Exception as e:
                 log.error("request %s failed in the engine step: %s", seq.request.id, e, exc_info=e)
-                self._finish_request(seq.request, "error", outputs, error=failure(e))
+                self._finish_request(seq.request, "error", outputs, error=failure(e), exception=e)
 
     def _intake(self, outputs) -> None:
         with self._cv:
@@ -457,7 +458,7 @@ class Engine:
                 text = seq.out.accept(tok)  # the finish rule
             except Exception as e:
                 log.error("request %s failed on its token %d: %s", req.id, tok, e, exc_info=e)
-                self._finish_request(req, "error", outputs, error=failure(e))
+                self._finish_request(req, "error", outputs, error=failure(e), exception=e)
                 continue
             reason = seq.out.finish_reason
             output = self._output(seq, text, [tok], lp, reason)
@@ -480,13 +481,15 @@ class Engine:
         if all(s.finish_reason is not None for s in req.seqs):
             self._requests.pop(req.id, None)
 
-    def _finish_request(self, req: Request, reason: str, outputs, error: tuple[str, int] | None = None) -> None:
-        """End every unfinished sequence of ``req``; ``error``: (message, HTTP status) for reason "error"."""
+    def _finish_request(self, req: Request, reason: str, outputs, error: tuple[str, int] | None = None,
+                        exception: Exception | None = None) -> None:  # fmt: skip
+        """End every unfinished sequence of ``req``; ``error``: (message, HTTP status) for reason "error",
+        ``exception`` what was raised."""
         for seq in req.seqs:
             if seq.finish_reason is None:
                 self._retire(seq, reason)
                 out = self._output(seq, "", [], None, reason, error[0] if error else None)
-                out.error_status = error[1] if error else None
+                out.error_status, out.exception = (error[1] if error else None), exception
                 outputs.append((req, out))
         self._requests.pop(req.id, None)
 
