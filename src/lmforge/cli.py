@@ -114,9 +114,9 @@ def _print_stream(gen, reply) -> None:
 def _note_compile_at_exit(gen) -> None:
     """Let a background compile finish before exiting (one cut off at exit is lost, and the next
     start would compile again); Ctrl-C skips it."""
-    if gen._background is not None and gen._background.building:
+    if gen.compiling:
         print("(finishing the compiled step so the next start is warm; Ctrl-C skips)", file=sys.stderr, flush=True)
-        gen._background.wait()
+        gen.finish_compiling()
 
 
 def _is_main_rank() -> bool:

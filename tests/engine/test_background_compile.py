@@ -1,7 +1,9 @@
-"""Compiled by default without the wait: a Generator answers eagerly while its batch-1 step
+"""Compiled by default without the wait: a Generator answers eagerly while its decode step
 compiles in a thread, and the compiled step takes over mid-generation once ready (logged once),
-with the same tokens. The swap logic is tested with the compile replaced by the plain step (fast);
-one slow test compiles for real."""
+with the same tokens. On the engine (softmax attention) that step is the engine's paged graph per
+batch bucket; a model the engine cannot page (sparse attention here) keeps the contiguous cache's
+batch-1 ``BackgroundStep``. The swap logic is tested with the compile replaced by the plain step
+(fast); slow tests compile a tiny model for real."""
 
 from __future__ import annotations
 
@@ -17,15 +19,70 @@ from lmforge.inference import Generator, SamplingParams
 from lmforge.models import build_model
 
 
-def tiny(vocab_size: int = 100):
+def tiny(vocab_size: int = 100, **over):
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("smollm2-135m", n_layer=2, n_embd=32, n_head=4, n_kv_head=2, d_ff=64,
-                                vocab_size=vocab_size, max_seq_len=256)  # fmt: skip
+                                vocab_size=vocab_size, max_seq_len=256, **over)  # fmt: skip
     return build_model(cfg).eval()
 
 
-def test_the_background_step_takes_over_mid_generation(monkeypatch, caplog):
+# --- on the engine: its paged decode graphs --------------------------------------------------------
+def test_the_engines_background_graph_takes_over_mid_generation(monkeypatch, caplog):
     model = tiny()
+    prompt, params = [5, 17, 42, 8], SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    expected = Generator(model).run([prompt], params).finish().completions[0].token_ids
+
+    plain_forward, gate, eager_steps = runner_mod.run_paged, threading.Event(), []
+
+    def fake_compile(fn, **kw):  # the plain step; the background thread waits for the gate first
+        def step(*args):
+            if threading.current_thread().name == "lmforge-paged-compile":
+                assert gate.wait(30)
+            return fn(*args)
+
+        return step
+
+    def eager(model, batch):  # eager forwards: after 5 decode-only steps, let the background finish
+        if not batch.chunks:
+            eager_steps.append(1)
+            if len(eager_steps) == 5:
+                gate.set()
+                assert gen.engine.runner.decode_step.wait([1], 30)
+        return plain_forward(model, batch)
+
+    monkeypatch.setattr(runner_mod, "compile_decode_step", fake_compile)
+    monkeypatch.setattr(runner_mod, "run_paged", eager)
+    caplog.set_level(logging.INFO, logger="lmforge.engine")
+    gen = Generator(model, compile="background")
+    assert gen.engine.runner.decode_step.built == set()  # nothing compiled yet: answers eagerly
+    run = gen.run([prompt], params).finish()
+    assert run.timing["step"] == "switched" and len(eager_steps) == 5  # the compiled step did the rest
+    assert run.completions[0].token_ids == expected
+    again = gen.run([prompt], params).finish()  # later calls start on the compiled step
+    assert again.timing["step"] == "compiled" and again.completions[0].token_ids == expected
+    assert len(eager_steps) == 5
+    assert caplog.text.count("decode steps switch to compiled graphs") == 1
+    assert not gen.compiling  # no thread left behind once nothing is queued
+    gen.close()
+
+
+def test_a_failed_background_compile_leaves_the_engine_eager(monkeypatch, caplog):
+    def broken(fn, **kw):
+        def step(*args):
+            raise RuntimeError("no compiler here")
+
+        return step
+
+    monkeypatch.setattr(runner_mod, "compile_decode_step", broken)
+    gen = Generator(tiny(), compile="background")
+    assert not gen.engine.runner.decode_step.wait([1], 30) and "no compiler here" in caplog.text
+    run = gen.run([[1, 2, 3]], SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)).finish()
+    assert run.timing["step"] == "eager" and len(run.completions[0].token_ids) == 5
+
+
+# --- off the engine: the contiguous cache's batch-1 step -------------------------------------------
+def test_the_background_step_takes_over_mid_generation(monkeypatch, caplog):
+    model = tiny(attention="sparse")
     prompt, params = [5, 17, 42, 8], SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
     expected = Generator(model).run([prompt], params).finish().completions[0].token_ids
 
@@ -50,7 +107,7 @@ def test_the_background_step_takes_over_mid_generation(monkeypatch, caplog):
     monkeypatch.setattr(runner_mod, "_decode_step", eager)
     caplog.set_level(logging.INFO, logger="lmforge.engine")
     gen = Generator(model, compile="background")
-    assert gen.step is None  # nothing compiled yet: answers eagerly
+    assert gen.engine is None and gen.step is None  # off the engine; nothing compiled yet: answers eagerly
     run = gen.run([prompt], params).finish()
     assert run.timing["step"] == "switched" and len(eager_steps) == 5  # the compiled step did the rest
     assert run.completions[0].token_ids == expected
@@ -68,7 +125,7 @@ def test_a_failed_background_compile_leaves_decoding_eager(monkeypatch, caplog):
         return step
 
     monkeypatch.setattr(runner_mod, "compile_decode_step", broken)
-    gen = Generator(tiny(), compile="background")
+    gen = Generator(tiny(attention="sparse"), compile="background")
     assert gen._background.wait(30) is None and "no compiler here" in caplog.text
     run = gen.run([[1, 2, 3]], SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)).finish()
     assert run.timing["step"] == "eager" and len(run.completions[0].token_ids) == 5
@@ -80,9 +137,10 @@ def test_a_real_background_compile_gives_the_eager_tokens():
     params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
     expected = Generator(model).run([[3, 1, 4, 1, 5]], params).finish().completions[0].token_ids
     gen = Generator(model, compile="background")
-    assert gen._background.wait(600) is not None
+    assert gen.engine.runner.decode_step.wait([1], 600)
     run = gen.run([[3, 1, 4, 1, 5]], params).finish()
     assert run.timing["step"] == "compiled" and run.completions[0].token_ids == expected
+    gen.close()
 
 
 @pytest.mark.slow  # compiles a tiny model in a fresh process

@@ -9,7 +9,8 @@ Parts (one file each): ``blocks`` (block manager, prefix cache), ``scheduler`` (
 chunked prefill, preemption), ``runner`` (model inputs, paged and contiguous caches, the compiled
 step), ``sampler`` (parameters, penalties, filters, the draw), ``output`` (incremental
 detokenizing, the one finish rule), ``prompt`` (the one prompt check), ``batch`` (the fixed-batch
-loop ``generate`` runs), ``core`` (the ``Engine``: requests in, outputs out, one stepping thread).
+loop over a contiguous cache, for what the engine cannot serve), ``core`` (the ``Engine``: requests
+in, outputs out, one stepping thread; ``lmforge.generate`` steps it inline).
 See docs/engine.md.
 """
 

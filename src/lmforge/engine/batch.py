@@ -1,8 +1,9 @@
 """The fixed-batch loop: a batch admitted together, decoded in lockstep over a contiguous cache.
 
-``generate`` runs here: its prompts are all known up front, so they are prefilled at once and
-decoded step by step on a ``DecoderRunner`` / ``Seq2SeqRunner`` (static shapes: the compiled
-batch-1 step applies). It takes the engine's own parts: the ``Sampler`` for every step and an
+``generate`` runs here where the ``Engine`` cannot serve it: sparse or linear attention, and
+``use_cache=False`` (the recomputing reference). The prompts are prefilled at once and decoded step
+by step on a ``DecoderRunner`` / ``Seq2SeqRunner`` (static shapes: the compiled batch-1 step
+applies). It takes the engine's own parts: the ``Sampler`` for every step and an
 ``OutputProcessor`` per row for text and the finish rule, exactly as the serving engine does.
 """
 

@@ -52,7 +52,7 @@ class EngineConfig:
     max_model_len: int | None = None  # context per sequence; None: the model's
     max_queue: int = 1024  # waiting sequences before add_request refuses (QueueFullError)
     enable_prefix_caching: bool = True
-    num_blocks: int | None = None  # exact pool size, overriding kv_cache_gb (tests)
+    num_blocks: int | None = None  # exact pool size, overriding kv_cache_gb (tests, a Generator's engine)
     compile: bool = False  # decode-only steps on compiled graphs (built in the background; decoder-only models)
 
     def validate(self) -> None:

@@ -4,32 +4,45 @@
     for piece in stream(model, tokenizer, [{"role": "user", "content": "Hi!"}]):
         print(piece, end="", flush=True)
 
-``Generator`` prepares a model once (quantised copy, compiled decode step) and turns prompts (text,
-chat messages or token ids) into ``Completion`` objects or streamed text; ``generate`` / ``stream``
-/ ``complete`` are that, for a model, in one call. The decoding itself is the engine's
-(``lmforge.engine``): the prompt check, the runner (contiguous cache, compiled batch-1 step),
-the sampler, the output processor with its one finish rule. This module adds the three loops
-over a runner -- sampling (``engine.batch.decode_batch``), ``beam_search``, and speculative
-decoding (``speculative.py``) -- and returns what they produce: a ``GenerationRun`` carries the
+``Generator`` prepares a model once (quantised copy, compiled decode graphs, the engine and its KV
+pool) and turns prompts (text, chat messages or token ids) into ``Completion`` objects or streamed
+text; ``generate`` / ``stream`` / ``complete`` are that, for a model, in one call (what they prepare
+is kept with the model, per options, tokenizer and version of the weights).
+
+Sampling (``num_beams=1``) runs on the one decode ``Engine`` (``lmforge.engine``): a call adds its
+prompts as requests, steps the engine inline and collects each sequence's outputs through the
+request's sink, so text pieces come out as each step produces them. That serves decoder-only and
+encoder-decoder models with softmax attention and the KV cache on. The rest keeps the contiguous
+cache of ``engine.runner`` (``DecoderRunner`` / ``Seq2SeqRunner``, static shapes), unchanged:
+``beam_search`` (it reorders whole cache rows), speculative decoding (``speculative.py``: it rewinds
+both models' caches), ``use_cache=False`` (every step recomputes everything: the reference the cache
+is tested against) and sparse or linear attention (layers the engine cannot page), the last two
+through the fixed-batch loop ``engine.batch.decode_batch``. Both paths share the prompt check, the
+sampler and the output processor with its one finish rule. A ``GenerationRun`` carries the
 completions, timings and draft statistics of one call.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from lmforge.engine.batch import Row, decode_batch
+from lmforge.engine.core import Engine, EngineConfig, SeqResult, SequenceOutput
 from lmforge.engine.output import OutputProcessor, stop_token_ids
 from lmforge.engine.prompt import PromptError, chat_ids, check_prompt, token_budget
-from lmforge.engine.runner import BackgroundStep, CompiledStep, make_runner
+from lmforge.engine.runner import BackgroundStep, CompiledStep, ModelRunner, make_runner
 from lmforge.engine.sampler import SamplingError, SamplingParams, make_generator
 from lmforge.errors import UserError
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+POOL_BYTES = 512 * 2**20  # a Generator's KV pool: this much, but at least one full context and at most four
 
 
 class StaleWeightsError(UserError, RuntimeError):
@@ -58,14 +71,23 @@ class Completion:
 class GenerationRun:
     """One call's generation: iterate it for (row, text piece) as text becomes certain, row =
     prompt * n + sample; afterwards ``completions`` holds each row's ``Completion``, ``timing``
-    the prefill and decode times (``engine.batch.decode_batch``), and, with a draft model,
-    ``draft_stats`` the target passes, drafted and accepted tokens."""
+    the prefill and decode times, and, with a draft model, ``draft_stats`` the target passes,
+    drafted and accepted tokens.
 
-    def __init__(self, rows: list[Row], pieces_of):
-        self.rows = rows
+    ``timing``: prefill_s (from the start to every sequence's first token), decode_s and
+    decode_steps (the steps after that), first_step_s (the first of those steps: where a compiled
+    step is compiled or waited for), and step: "compiled" (decode steps started on a compiled
+    graph), "switched" (they started eagerly and a graph compiled in the background took over) or
+    "eager"."""
+
+    def __init__(self, pieces_of: Callable[[dict, dict], Iterator[tuple[int, str]]],
+                 completions_of: Callable[[], list[Completion]]):  # fmt: skip
         self.timing: dict = {}
         self.draft_stats: dict = {}
-        self._pieces = pieces_of(self)
+        self._completions_of = completions_of
+        # the pieces get the dicts to fill, not the run: an abandoned run is freed (and its engine
+        # requests cancelled, see ``_engine_pieces``) as soon as nothing refers to it
+        self._pieces = pieces_of(self.timing, self.draft_stats)
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
         return self._pieces
@@ -81,11 +103,81 @@ class GenerationRun:
 
     @property
     def completions(self) -> list[Completion]:
-        return [
-            Completion(r.out.text, r.out.token_ids, r.out.finish_reason or "length", len(r.prompt), r.logprobs,
-                       r.top if r.params.logprobs else None)  # fmt: skip
-            for r in self.rows
-        ]
+        return self._completions_of()
+
+
+def _row_completion(r: Row) -> Completion:
+    """A contiguous-path row as a Completion."""
+    return Completion(r.out.text, r.out.token_ids, r.out.finish_reason or "length", len(r.prompt), r.logprobs,
+                      r.top if r.params.logprobs else None)  # fmt: skip
+
+
+def _engine_pieces(engine: Engine, prompts: list[list[int]], params: list[SamplingParams], results: list[SeqResult],
+                   timing: dict, wait_compiled: bool) -> Iterator[tuple[int, str]]:  # fmt: skip
+    """Add the prompts to ``engine`` and step it inline until every sequence is finished; yields
+    (row, text piece) as each step produces them (row = prompt * n + sample) and accumulates each
+    row's outputs in ``results``. ``wait_compiled``: the first decode step waits for the compiled
+    graph of its batch size (compile=True). Leaving early cancels what is left of the requests."""
+    n = params[0].n
+    ready: deque[tuple[int, str]] = deque()
+    failed: list[SequenceOutput] = []
+    left = [len(results)]
+
+    def sink_for(base: int):
+        def sink(out: SequenceOutput) -> None:
+            row = base + out.index
+            results[row].add(out)
+            if out.text:
+                ready.append((row, out.text))
+            if out.finish_reason is not None:
+                left[0] -= 1
+                if out.finish_reason == "error":
+                    failed.append(out)
+
+        return sink
+
+    graphs = engine.runner.decode_step  # the compiled decode step (compile=True / "background"), or None
+    rids: list[str] = []
+    start = time.perf_counter()
+    first = None  # when every sequence had its first token
+    steps, first_step, started, took_over = 0, 0.0, False, False
+    try:
+        for k, (prompt, p) in enumerate(zip(prompts, params)):
+            rids.append(engine.add_request(prompt, p, sink_for(k * n), want_logprobs=True))
+        while left[0]:
+            t0 = time.perf_counter()
+            if wait_compiled and graphs is not None and first is not None and steps == 0 and engine.running:
+                graphs.wait([len(engine.running)])  # the first call of a batch size pays for its graph
+            before = graphs.steps if graphs is not None else 0
+            if not engine.step() and not engine.running:
+                raise RuntimeError("the engine could not schedule any of this call's sequences.")
+            t1 = time.perf_counter()
+            if failed:
+                out = failed[0]
+                raise out.exception if out.exception is not None else RuntimeError(out.error)
+            if first is None:
+                if all(r.token_ids or r.finish_reason for r in results):
+                    first = t1
+            else:
+                steps += 1
+                compiled = graphs is not None and graphs.steps > before
+                if steps == 1:
+                    first_step, started = t1 - t0, compiled
+                took_over |= compiled
+            while ready:
+                yield ready.popleft()
+        end = time.perf_counter()
+        first = end if first is None else first
+        if steps == 0:
+            started = graphs is not None and graphs.bucket(min(len(results), graphs.buckets[-1])) in graphs.built
+        timing.update(prefill_s=first - start, decode_s=end - first, decode_steps=steps,
+                      step="compiled" if started else "switched" if took_over else "eager")  # fmt: skip
+        if steps:
+            timing["first_step_s"] = first_step
+    finally:
+        for k, rid in enumerate(rids):  # an abandoned (or failed) call leaves nothing running
+            if any(r.finish_reason is None for r in results[k * n : (k + 1) * n]):
+                engine.abort(rid)
 
 
 class TextStream:
@@ -194,18 +286,32 @@ def split_batch(prompt) -> tuple[list, bool]:
 
 
 # --- the user-facing object ----------------------------------------------------------------------
+def engine_config(model, compile: bool | str = False) -> EngineConfig:
+    """The engine of a ``Generator``: a KV pool of ``POOL_BYTES``, but at least one full context (a
+    single sequence can always run) and at most four (a small model needs no more); beyond it the
+    engine queues and preempts. No queue limit: a call's prompts are all known up front."""
+    block = EngineConfig.block_size
+    context = model.config.max_seq_len
+    tokens = min(max(POOL_BYTES // ModelRunner.kv_bytes_per_token(model), context), 4 * context)
+    return EngineConfig(num_blocks=-(-tokens // block), block_size=block, max_queue=sys.maxsize, compile=bool(compile))
+
+
 class Generator:
     """A model prepared for generation, with its tokenizer.
 
     compile=True   compiles the one-token decode step (inductor, weights frozen as constants);
-                   the first call pays for compilation, later calls of the same shapes do not
-    compile="background"  answers at once, eagerly, while a thread compiles the batch-1 step;
-                   calls that start once it is ready use it (the swap is logged once)
+                   the first call of a batch size waits for its graph, later calls do not
+    compile="background"  answers at once, eagerly, while a thread compiles the decode step; it
+                   takes over once ready, mid-generation (the switch is logged once)
     quantize="int8" generates with a copy whose linear layers are weight-only int8
     draft_model    a smaller model of the same vocabulary for speculative decoding (greedy only)
+
+    Sampling runs on an ``Engine`` of its own (``engine``: built on the first call and kept, with
+    its KV pool and compiled graphs); see the module's docstring for what stays on the contiguous
+    cache. ``close()`` shuts the engine down.
     """
 
-    def __init__(self, model, tokenizer=None, *, compile: bool = False, quantize: str | None = None,
+    def __init__(self, model, tokenizer=None, *, compile: bool | str = False, quantize: str | None = None,
                  draft_model=None, num_draft_tokens: int = 4):  # fmt: skip
         if model.config.arch == "encoder":
             raise PromptError("an encoder-only model cannot generate text: use a decoder or encoder-decoder checkpoint.")
@@ -215,7 +321,7 @@ class Generator:
             from lmforge.inference.quantize import quantize_model
 
             model = quantize_model(model, quantize)
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.compile = model, tokenizer, compile
         self.draft_model, self.num_draft_tokens = draft_model, num_draft_tokens
         if draft_model is not None:
             if model.config.arch != "decoder" or draft_model.config.arch != "decoder":
@@ -225,19 +331,25 @@ class Generator:
                     f"the draft model's vocabulary ({draft_model.config.vocab_size}) differs from the target's "
                     f"({model.config.vocab_size}): use a draft model with the same tokenizer."
                 )
+        # sampling runs on the engine wherever it can page the model's attention (not beside a draft model)
+        self.on_engine = draft_model is None and getattr(model.config, "attention", "softmax") == "softmax"
+        self._engine: Engine | None = None
+        self._engine_version = 0  # weights_version of self.model when the engine was built
+        # the contiguous paths' compiled step: beam search, and every decode of a model off the engine
+        # (compile="background" on the engine: the engine's graphs only; beam search stays eager)
         self._step, self._background = None, None
         if compile:
             if model.config.arch != "decoder":
                 raise PromptError("compile=True compiles the decoder-only decode step; encoder-decoder models run eagerly.")
-            if compile == "background":
+            if compile != "background":
+                self._step = CompiledStep(model)  # compiles on its first call
+            elif not self.on_engine:
                 self._background = BackgroundStep(model)
-            else:
-                self._step = CompiledStep(model)
 
     @property
     def step(self):
-        """The compiled decode step in use (None: eager). A background compile is swapped in at the
-        start of the first call after it is ready."""
+        """The contiguous paths' compiled decode step in use (None: eager). A background compile is
+        swapped in at the start of the first call after it is ready."""
         if self._step is None and self._background is not None and self._background.ready() is not None:
             self._step = self._background.ready()
             self._background.announce()
@@ -246,6 +358,52 @@ class Generator:
     @step.setter
     def step(self, value) -> None:
         self._step = value
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine sampling runs on (built on first use; rebuilt, with an empty prefix cache, when
+        the weights it runs on have changed), or None for a model that decodes on the contiguous cache."""
+        if not self.on_engine:
+            return None
+        version = weights_version(self.model)
+        if self._engine is not None and self._engine_version != version:
+            self.close()
+        if self._engine is None:
+            was = self.model.training
+            try:
+                self._engine = Engine(self.model, self.tokenizer, engine_config(self.model, self.compile))
+            finally:
+                self.model.train(was)  # the engine sets eval mode; generate leaves the model as it found it
+            self._engine_version = version
+        return self._engine
+
+    def close(self) -> None:
+        """Shut the engine down (a graph being compiled is finished first); the next call builds another."""
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    @property
+    def compiling(self) -> bool:
+        """Whether a decode step is being compiled in the background."""
+        if self._background is not None:
+            return self._background.building
+        graphs = self._engine.runner.decode_step if self._engine is not None else None
+        return graphs is not None and graphs.building
+
+    def finish_compiling(self) -> None:
+        """Wait until the background compile is done (a compile cut off at exit is lost)."""
+        if self._background is not None:
+            self._background.wait()
+            return
+        graphs = self._engine.runner.decode_step if self._engine is not None else None
+        while graphs is not None and graphs.building:
+            graphs.thread.join()
+
+    @property
+    def stale(self) -> bool:
+        """Whether the weights changed after this Generator quantised or compiled them."""
+        return self._source is not None and weights_version(self._source[0]) != self._source[1]
 
     @property
     def context(self) -> int:
@@ -279,9 +437,13 @@ class Generator:
         return token_budget(prompt_len, params.max_new_tokens, self.model.config, self.context)
 
     # --- generation -----------------------------------------------------------------------------
-    def _rows(self, prompts: list[list[int]], params: SamplingParams) -> list[Row]:
+    def _check_params(self, params: SamplingParams) -> None:
         if params.stop and self.tokenizer is None:
             raise SamplingError("stop strings need a tokenizer to turn tokens into text; pass one or use stop_token_ids.", "stop")
+        if params.constraint is not None:  # a grammar this tokenizer cannot serve fails here, before any work
+            OutputProcessor(params, frozenset(), 1, self.tokenizer)
+
+    def _rows(self, prompts: list[list[int]], params: SamplingParams) -> list[Row]:
         device = self.model.device
         stop_ids = self._stop_ids(params)
         rows = []
@@ -292,7 +454,7 @@ class Generator:
         return rows
 
     def _check_weights(self) -> None:
-        if self._source is not None and weights_version(self._source[0]) != self._source[1]:
+        if self.stale:
             raise StaleWeightsError(
                 "the model's weights changed after this Generator quantised or compiled them: make a new Generator "
                 "(lmforge.generate does so by itself)."
@@ -304,30 +466,55 @@ class Generator:
         self._check_weights()
         for p in prompts:
             self._check_prompt(p)
-        rows = self._rows(prompts, params)
+        self._check_params(params)
         if self.draft_model is not None:
             from lmforge.inference.speculative import speculative_tokens
 
-            if len(rows) != 1 or not params.greedy or params.uses_penalties:
+            if len(prompts) != 1 or params.n != 1 or not params.greedy or params.uses_penalties:
                 raise SamplingError(
                     "speculative decoding serves one prompt, n=1, greedy (temperature=0) without penalties; "
                     "drop the draft model for batches or sampling.", "temperature",
                 )
             if params.constraint is not None:
                 raise SamplingError("speculative decoding does not take a json_schema, regex or grammar: drop the draft model.", "constraint")
-            return GenerationRun(rows, lambda run: speculative_tokens(self, rows[0], run.draft_stats, use_cache=use_cache))
+            rows = self._rows(prompts, params)
+            return GenerationRun(lambda timing, stats: speculative_tokens(self, rows[0], stats, use_cache=use_cache),
+                                 lambda: [_row_completion(r) for r in rows])  # fmt: skip
+        if use_cache and self.on_engine:
+            return self._engine_run(prompts, params)
+        rows = self._rows(prompts, params)
 
-        def pieces(run: GenerationRun) -> Iterator[tuple[int, str]]:
+        def pieces(timing: dict, stats: dict) -> Iterator[tuple[int, str]]:
             max_new = max(r.out.max_new for r in rows)
             step = self.step
             pending = {"pending": self._background} if step is None and self._background is not None else {}
             runner = make_runner(self.model, [r.prompt for r in rows], max_new, use_cache=use_cache, step=step, **pending)
             try:
-                yield from decode_batch(runner, rows, run.timing)
+                yield from decode_batch(runner, rows, timing)
             finally:
                 runner.close()
 
-        return GenerationRun(rows, pieces)
+        return GenerationRun(pieces, lambda: [_row_completion(r) for r in rows])
+
+    def _engine_run(self, prompts: list[list[int]], params: SamplingParams) -> GenerationRun:
+        engine = self.engine
+        # each prompt's budget cut to what the context leaves (the engine takes max_new_tokens as asked for)
+        per_prompt = [replace(params, max_new_tokens=b) if (b := self._max_new(len(p), params)) != params.max_new_tokens
+                      else params for p in prompts]  # fmt: skip
+        results = [SeqResult(j) for _ in prompts for j in range(params.n)]
+
+        def completions() -> list[Completion]:
+            out = []
+            for i, r in enumerate(results):
+                lps = r.logprobs or []
+                top = [dict(lp.top) for lp in lps] if params.logprobs else None
+                out.append(Completion(r.text, r.token_ids, r.finish_reason or "length", len(prompts[i // params.n]),
+                                      [lp.logprob for lp in lps], top))  # fmt: skip
+            return out
+
+        wait = bool(self.compile) and self.compile != "background"  # compile=True: the first call pays
+        return GenerationRun(lambda timing, stats: _engine_pieces(engine, prompts, per_prompt, results, timing, wait),
+                             completions)  # fmt: skip
 
     def complete(self, prompt, *, chat: bool = False, use_cache: bool = True, num_beams: int = 1,
                  length_penalty: float = 1.0, early_stopping: bool = False, **params):  # fmt: skip
@@ -412,24 +599,51 @@ def make_params(*, json_schema=None, regex: str | None = None, grammar: str | No
 
 
 # --- one-call API --------------------------------------------------------------------------------
-_prepared: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+class _Prepared(dict):
+    """The one-call API's Generators for one model, per (compile, quantize): kept on the model itself
+    (each Generator's engine refers to the model, so a cache beside it would keep every model alive;
+    on the model, the two form a cycle the garbage collector frees together). A copy of the model
+    starts empty: ``owner`` says which model the Generators belong to."""
+
+    ATTR = "_lmforge_generators"
+
+    def __init__(self, owner=None):
+        super().__init__()
+        self.owner = weakref.ref(owner) if owner is not None else None
+
+    @classmethod
+    def of(cls, model) -> "_Prepared":
+        found = model.__dict__.get(cls.ATTR)
+        if isinstance(found, cls) and found.owner is not None and found.owner() is model:
+            return found
+        fresh = cls(model)
+        model.__dict__[cls.ATTR] = fresh  # beside the module's own attributes; no parameter, buffer or submodule
+        return fresh
+
+    def __deepcopy__(self, memo) -> "_Prepared":
+        return _Prepared()  # engines, threads and compiled graphs are not copied with a model
+
+    def __reduce__(self):
+        return _Prepared, ()  # nor pickled with it
 
 
 def _generator(model, tokenizer, compile, quantize, draft_model, num_draft_tokens) -> Generator:
-    """A Generator for the call. What is costly to prepare (the quantised copy, the compiled step)
-    is kept per model and options, so it happens once per version of the weights (it is redone
-    after training steps); neither refers back to the model, so the entry goes when the model does."""
-    prepared, step, background = None, None, None
-    if compile or quantize is not None:
-        per_model = _prepared.setdefault(model, {})
-        key, version = (compile, quantize), weights_version(model)
-        if key not in per_model or per_model[key][0] != version:
-            g = Generator(model, compile=compile, quantize=quantize)
-            per_model[key] = (version, g.model if quantize is not None else None, g._step, g._background)
-        _, prepared, step, background = per_model[key]
-    g = Generator(prepared if prepared is not None else model, tokenizer, draft_model=draft_model, num_draft_tokens=num_draft_tokens)
-    g._step, g._background = step, background
-    return g
+    """A Generator for the call. What is costly to prepare -- the quantised copy, compiled graphs, the
+    engine with its KV pool and prefix cache -- is kept per model, options and tokenizer, so it
+    happens once per version of the weights: a Generator whose quantised or compiled weights went
+    stale (training steps) is replaced; an eager one rebuilds its engine by itself."""
+    prepared = _Prepared.of(model)
+    key = (compile, quantize)
+    g = prepared.get(key)
+    if g is None or g.stale or g.tokenizer is not tokenizer:
+        if g is not None:
+            g.close()
+        g = prepared[key] = Generator(model, tokenizer, compile=compile, quantize=quantize)
+    if draft_model is None:
+        return g
+    spec = Generator(g.model, tokenizer, draft_model=draft_model, num_draft_tokens=num_draft_tokens)
+    spec._step, spec._background = g._step, g._background  # beam search's compiled step, as without a draft
+    return spec
 
 
 def complete(model, tokenizer, prompt, *, compile: bool = False, quantize: str | None = None, draft_model=None,
