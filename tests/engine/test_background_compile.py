@@ -157,8 +157,10 @@ def test_compiled_artifacts_are_kept_on_disk(tmp_path):
         "generate(m, None, [1, 2, 3], max_new_tokens=3, temperature=0, compile=True)"
     )
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"} | {"LMFORGE_CACHE": str(tmp_path)}
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
-    assert any((tmp_path / "inductor" / "fxgraph").iterdir())  # the next start finds the step here
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)  # and exits: no thread left waiting
+    # the next start finds the step's compiled kernels here (the engine's graphs freeze the weights in
+    # as constants, which inductor's FX-graph cache does not store: it keeps the kernels they are built of)
+    assert any((tmp_path / "inductor").glob("**/*.so"))
 
 
 @pytest.mark.slow  # compiles a tiny model in a fresh process
