@@ -185,6 +185,7 @@ class PagedDecodeStep:
         self._building = False  # a builder thread is running (it ends once nothing is queued)
         self._stopping = False
         self._started = 0.0
+        self.first_built_s = 0.0  # seconds from start to the first graph
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
@@ -275,9 +276,8 @@ class PagedDecodeStep:
             self.built.add(b)
             with self._cv:
                 self._wanted.remove(b)
-            if len(self.built) == 1:
-                log.info("decode steps switch to compiled graphs (the first built in the background in %.0f s)",
-                         time.perf_counter() - self._started)  # fmt: skip
+            if len(self.built) == 1:  # said when a step first runs on it (a graph nobody used is no switch)
+                self.first_built_s = time.perf_counter() - self._started
             else:
                 log.info("compiled the decode graph for batches of up to %d sequences (%.0f s)", b, time.perf_counter() - t0)
 
@@ -305,6 +305,8 @@ class PagedDecodeStep:
         ctx_slots = torch.tensor([c + [0] * (L - len(c)) for c in ctx] + [[runner.scratch_slot] * L] * pad,
                                  dtype=torch.long, device=dev)  # fmt: skip
         ctx_lens = torch.tensor([len(c) for c in ctx] + [1] * pad, dtype=torch.long, device=dev)
+        if self.steps == 0:
+            log.info("decode steps switch to compiled graphs (the first built in the background in %.0f s)", self.first_built_s)
         self.steps += 1
         return self._call(runner, ids, positions, slots, ctx_slots, ctx_lens)[:n]
 
