@@ -177,6 +177,7 @@ class PagedDecodeStep:
         self.fn = compile_decode_step(_paged_decode, fullgraph=True, dynamic=False,
                                       mode="max-autotune-no-cudagraphs" if int8 else "default")  # fmt: skip
         self.built: set[int] = set()
+        self._warm: set[int] = set()  # buckets that have run a real step (see _call)
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None  # the latest builder thread
         self._runner: "ModelRunner | None" = None
@@ -281,10 +282,18 @@ class PagedDecodeStep:
             else:
                 log.info("compiled the decode graph for batches of up to %d sequences (%.0f s)", b, time.perf_counter() - t0)
 
-    def _call(self, runner, ids, positions, slots, ctx_slots, ctx_lens) -> torch.Tensor:
+    def _call(self, runner, ids, positions, slots, ctx_slots, ctx_lens, warm: bool = False) -> torch.Tensor:
         import torch._inductor.config as inductor_config
 
         torch._dynamo.mark_dynamic(ctx_slots, 1)  # the context grows each step: one graph for every length
+        if warm and not self._building:
+            # A bucket that has run once passes every guard dynamo checks (the same pool and model,
+            # the same shapes but the dynamic context length), so skip them: ~1 ms a token at batch 1.
+            # Only while no builder thread compiles: the stance is process-wide, and a compile that
+            # looked its frame up under it could take another bucket's graph. Builders are started
+            # from the engine's thread, the one calling here, so none starts during this call.
+            with torch.inference_mode(), torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self.fn(self.model, runner.pool, ids, positions, slots, ctx_slots, ctx_lens)
         quiet = dict(autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)
         # the engine's thread runs ready buckets while this one compiles the next: dynamo compiles under
         # its own lock, and a graph's warm-up writes only the scratch slot, which no sequence uses
@@ -308,7 +317,9 @@ class PagedDecodeStep:
         if self.steps == 0:
             log.info("decode steps switch to compiled graphs (the first built in the background in %.0f s)", self.first_built_s)
         self.steps += 1
-        return self._call(runner, ids, positions, slots, ctx_slots, ctx_lens)[:n]
+        logits = self._call(runner, ids, positions, slots, ctx_slots, ctx_lens, warm=b in self._warm)
+        self._warm.add(b)  # run once in this thread with the guards checked
+        return logits[:n]
 
 
 # --- the contiguous runners --------------------------------------------------------------------
