@@ -113,16 +113,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun_cli(args: list[str], procs: int = 2, timeout: int = 600):
-    """``torchrun --nproc_per_node=procs -m lmforge.cli ARGS`` on gloo, one thread per process, with
-    this folder importable (reward functions named ``rl_helpers:...``)."""
+def torchrun_cli(args: list, procs: int = 2, timeout: int = 600, module: str | None = "lmforge.cli"):
+    """``torchrun --nproc_per_node=procs -m lmforge.cli ARGS`` (``module=None``: ARGS start with a
+    script) on gloo, one thread per process, with this folder importable (reward functions named
+    ``rl_helpers:...``)."""
     import os
     import subprocess
     import sys
 
     here = Path(__file__).resolve().parent
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "lmforge.cli", *map(str, args)]  # fmt: skip
+           f"--master_port={free_port()}", *(["-m", module] if module else []), *map(str, args)]  # fmt: skip
     path = os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     return subprocess.run(cmd, cwd=here.parents[1], env=env, capture_output=True, text=True, timeout=timeout)
@@ -131,3 +132,14 @@ def torchrun_cli(args: list[str], procs: int = 2, timeout: int = 600):
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in recipe.items()))
     return path
+
+
+def assert_metrics_match(a: list[dict], b: list[dict], keys: list[str], steps: list[int], tol: float = 1e-4) -> None:
+    """Two runs' metrics.jsonl records: the same steps, and each of ``keys`` present in both or
+    neither, equal within ``tol`` (a distributed run against one process)."""
+    assert [r["step"] for r in a] == [r["step"] for r in b] == steps
+    for ra, rb in zip(a, b):
+        for k in keys:
+            assert (k in ra) == (k in rb), k
+            if k in ra:
+                assert abs(ra[k] - rb[k]) < tol, (ra["step"], k, ra[k], rb[k])

@@ -8,11 +8,7 @@ generates as the unsharded model does (and ``sync_grads`` still sums a replicate
 next to a sharded one)."""
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,10 +18,9 @@ from lmforge.align.dpo import DPOConfig, train_dpo
 from lmforge.align.rm import RMConfig, load_reward_model, train_reward_model
 from lmforge.checkpoints import load_model
 from lmforge.train import read_metrics
-from rl_helpers import tiny_model_dir, word_pairs, write_jsonl
+from rl_helpers import assert_metrics_match, tiny_model_dir, torchrun_cli, word_pairs, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.slow
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # 5 pairs a batch: 3 on rank 0 and 2 on rank 1 (an uneven split), micro-batches of 2 (so under FSDP
 # rank 1 runs a padding micro-batch to keep in step with rank 0's two).
@@ -42,18 +37,8 @@ def recipe(verb: str, **extra) -> dict:
     return dict(model=str(tiny_model_dir("llama")), **{**COMMON, "learning_rate": 1e-3}, **extra)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(verb: str, keys: dict, data, out, *extra: str) -> None:
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in keys.items()))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "-m", "lmforge.cli", verb, str(path), "--data", str(data), "--out", str(out), *extra]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    proc = torchrun_cli([verb, write_recipe(out.parent / f"{out.name}.yaml", keys), "--data", data, "--out", out, *extra])
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -83,12 +68,7 @@ def runs(tmp_path_factory):
 
 def assert_same_run(one, two, keys):
     a, b = read_metrics(one), read_metrics(two)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 11))
-    for ra, rb in zip(a, b):
-        for k in keys:
-            assert (k in ra) == (k in rb), k
-            if k in ra:
-                assert abs(ra[k] - rb[k]) < 1e-4, (ra["step"], k, ra[k], rb[k])
+    assert_metrics_match(a, b, keys, list(range(1, 11)))
     assert sum("eval_accuracy" in r for r in b) == 2
     assert (two / "curves.png").is_file() and (two / "checkpoints" / "step-00000010").is_dir()
 
@@ -184,9 +164,7 @@ def test_full_copy_gives_every_process_the_full_weights(tmp_path):
     script = tmp_path / "full_copy.py"
     script.write_text(FULL_COPY)
     model_dir = tiny_model_dir("llama")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(script), str(model_dir), str(tmp_path)]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    proc = torchrun_cli([script, model_dir, tmp_path], module=None)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     expected, tok = load_policy(AlignConfig(model=str(model_dir)))

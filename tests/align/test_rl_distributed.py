@@ -15,7 +15,7 @@ from lmforge.align.ppo import PPOConfig, train_ppo
 from lmforge.align.tasks import cai_prompts
 from lmforge.checkpoints import load_model
 from lmforge.train import read_metrics
-from rl_helpers import char_model_dir, char_prompts, torchrun_cli, write_jsonl, write_recipe
+from rl_helpers import assert_metrics_match, char_model_dir, char_prompts, torchrun_cli, write_jsonl, write_recipe
 from sft_helpers import REPO, make_tiny_chat_model
 
 pytestmark = pytest.mark.slow
@@ -34,12 +34,7 @@ def run_both(verb, train, recipe, tmp_path):
 
 
 def assert_same(a, b, keys):
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(0, 11))
-    for ra, rb in zip(a, b):
-        for k in keys:
-            assert (k in ra) == (k in rb), k
-            if k in ra:
-                assert abs(ra[k] - rb[k]) < 1e-4, (ra["step"], k, ra[k], rb[k])
+    assert_metrics_match(a, b, keys, list(range(0, 11)))  # step 0: the evaluation before training
 
 
 def assert_same_weights(one, two):

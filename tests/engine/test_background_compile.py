@@ -27,6 +27,17 @@ def tiny(vocab_size: int = 100, **over):
 
 
 # --- on the engine: its paged decode graphs --------------------------------------------------------
+def assert_switches_mid_generation(gen, prompt, params, expected, eager_steps, log_text, message):
+    """5 eager steps, then the compiled step for the rest of the call and all of the next; said once."""
+    run = gen.run([prompt], params).finish()
+    assert run.timing["step"] == "switched" and len(eager_steps) == 5  # the compiled step did the rest
+    assert run.completions[0].token_ids == expected
+    again = gen.run([prompt], params).finish()  # later calls start on the compiled step
+    assert again.timing["step"] == "compiled" and again.completions[0].token_ids == expected
+    assert len(eager_steps) == 5
+    assert log_text().count(message) == 1
+
+
 def test_the_engines_background_graph_takes_over_mid_generation(monkeypatch, caplog):
     model = tiny()
     prompt, params = [5, 17, 42, 8], SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
@@ -55,13 +66,8 @@ def test_the_engines_background_graph_takes_over_mid_generation(monkeypatch, cap
     caplog.set_level(logging.INFO, logger="lmforge.engine")
     gen = Generator(model, compile="background")
     assert gen.engine.runner.decode_step.built == set()  # nothing compiled yet: answers eagerly
-    run = gen.run([prompt], params).finish()
-    assert run.timing["step"] == "switched" and len(eager_steps) == 5  # the compiled step did the rest
-    assert run.completions[0].token_ids == expected
-    again = gen.run([prompt], params).finish()  # later calls start on the compiled step
-    assert again.timing["step"] == "compiled" and again.completions[0].token_ids == expected
-    assert len(eager_steps) == 5
-    assert caplog.text.count("decode steps switch to compiled graphs") == 1
+    assert_switches_mid_generation(gen, prompt, params, expected, eager_steps, lambda: caplog.text,
+                                   "decode steps switch to compiled graphs")  # fmt: skip
     assert not gen.compiling  # no thread left behind once nothing is queued
     gen.close()
 
@@ -108,13 +114,8 @@ def test_the_background_step_takes_over_mid_generation(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="lmforge.engine")
     gen = Generator(model, compile="background")
     assert gen.engine is None and gen.step is None  # off the engine; nothing compiled yet: answers eagerly
-    run = gen.run([prompt], params).finish()
-    assert run.timing["step"] == "switched" and len(eager_steps) == 5  # the compiled step did the rest
-    assert run.completions[0].token_ids == expected
-    again = gen.run([prompt], params).finish()  # later calls start on the compiled step
-    assert again.timing["step"] == "compiled" and again.completions[0].token_ids == expected
-    assert len(eager_steps) == 5
-    assert caplog.text.count("switched to the compiled decode step") == 1
+    assert_switches_mid_generation(gen, prompt, params, expected, eager_steps, lambda: caplog.text,
+                                   "switched to the compiled decode step")  # fmt: skip
 
 
 def test_a_failed_background_compile_leaves_decoding_eager(monkeypatch, caplog):
