@@ -341,7 +341,7 @@ class Engine:
         if len(units) == 1:
             seq = (decodes or [prefills[0][0]])[0]
             log.error("engine step failed for request %s: %s", seq.request.id, error, exc_info=error)
-            self._finish_request(seq.request, "error", outputs, error=failure(error), exception=error)
+            self._finish_request(seq.request, "error", outputs, exception=error)
             return
         log.warning("engine step of %d sequences failed (%s: %s); running them one by one", len(units),
                     type(error).__name__, error)  # fmt: skip
@@ -353,7 +353,7 @@ class Engine:
                 self._run(d, p, outputs)
             except Exception as e:
                 log.error("request %s failed in the engine step: %s", seq.request.id, e, exc_info=e)
-                self._finish_request(seq.request, "error", outputs, error=failure(e), exception=e)
+                self._finish_request(seq.request, "error", outputs, exception=e)
 
     def _intake(self, outputs) -> None:
         with self._cv:
@@ -458,7 +458,7 @@ class Engine:
                 text = seq.out.accept(tok)  # the finish rule
             except Exception as e:
                 log.error("request %s failed on its token %d: %s", req.id, tok, e, exc_info=e)
-                self._finish_request(req, "error", outputs, error=failure(e), exception=e)
+                self._finish_request(req, "error", outputs, exception=e)
                 continue
             reason = seq.out.finish_reason
             output = self._output(seq, text, [tok], lp, reason)
@@ -483,8 +483,10 @@ class Engine:
 
     def _finish_request(self, req: Request, reason: str, outputs, error: tuple[str, int] | None = None,
                         exception: Exception | None = None) -> None:  # fmt: skip
-        """End every unfinished sequence of ``req``; ``error``: (message, HTTP status) for reason "error",
-        ``exception`` what was raised."""
+        """End every unfinished sequence of ``req``. For reason "error": ``exception``, what was raised
+        (its message and HTTP status follow from it, ``failure``), or ``error``, (message, status)."""
+        if exception is not None and error is None:
+            error = failure(exception)
         for seq in req.seqs:
             if seq.finish_reason is None:
                 self._retire(seq, reason)
