@@ -22,7 +22,8 @@ import torch
 from lmforge.align import losses as L
 from lmforge.align.logprobs import pack, response_logprobs
 from lmforge.align.ppo import RLResult, SamplingConfig, _setup, check_world, evaluate_policy, pad_id_of, rollout_logprobs
-from lmforge.align.rl_common import DataParallel, Run, batch_indices, clip_gradients, lr_factor, make_optimizer, progress_bar
+from lmforge.align.rl_common import (DataParallel, Run, batch_indices, clip_gradients, lr_factor, make_optimizer, micro_batches,
+                                     progress_bar)  # fmt: skip
 from lmforge.align.rollouts import draw_seed, sample_rollouts
 from lmforge.config import ConfigError
 
@@ -94,15 +95,15 @@ def _train_grpo(cfg: GRPOConfig, data, out, resume: bool, dp: DataParallel) -> R
         ref_logps = rollout_logprobs(ref, ro, pad_id, cfg.micro)[0] if cfg.beta else None
 
         stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0}
-        rows_all = list(range(len(ro.response_ids)))
         total = len(records) * G  # completions in the whole batch
-        chunks = [(rows_all[m : m + cfg.micro], True) for m in range(0, len(rows_all), cfg.micro)]
-        if dp.fsdp:  # every forward gathers with the other processes: pad to the largest share
-            most = -(-len(records) // dp.ctx.world_size) * G
-            chunks += [([0], False)] * (-(-most // cfg.micro) - len(chunks))
+        local = {i * G + j: k * G + j for k, i in enumerate(mine) for j in range(G)}  # batch row -> rollout row
+        # this process's completions (whole groups), padded under FSDP, where every forward is collective
+        chunks = micro_batches(list(range(total)), cfg.micro, dp, owner=lambda r: (r // G) % dp.ctx.world_size,
+                               pad=mine[0] * G)  # fmt: skip
         for _ in range(cfg.num_iterations):
             opt.zero_grad(set_to_none=True)
-            for c, (rows, counted) in enumerate(chunks):
+            for c, (chunk, counted) in enumerate(chunks):
+                rows = [local[r] for r in chunk]
                 with dp.accumulate(policy, last=c == len(chunks) - 1):
                     batch = pack([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad_id, policy.device)
                     R = batch.mask.shape[1]

@@ -34,8 +34,8 @@ from lmforge.align.logprobs import pack, response_logprobs
 from lmforge.align.pairs import read_prompt_records
 from lmforge.align.rewards import resolve_reward
 from lmforge.align.rl_common import (AlignConfig, DataParallel, Run, batch_indices, clip_gradients, freeze_lower_layers,
-                                     frozen_copy, load_policy, lr_factor, make_optimizer, progress_bar, seed_everything,
-                                     split_eval)  # fmt: skip
+                                     frozen_copy, load_policy, lr_factor, make_optimizer, micro_batches, progress_bar,
+                                     seed_everything, split_eval)  # fmt: skip
 from lmforge.align.rollouts import Rollout, draw_seed, sample_rollouts
 from lmforge.config import ConfigError
 
@@ -243,13 +243,11 @@ def _train_ppo(cfg: PPOConfig, data, out, resume: bool, dp: DataParallel) -> RLR
             random.shuffle(order)  # the same order in every process (same seed, same draws)
             for s in range(0, len(order), mini):
                 idx = order[s : s + mini]
-                own = [local[i] for i in idx if i in local]
-                chunks = [(own[m : m + cfg.micro], True) for m in range(0, len(own), cfg.micro)]
-                if dp.fsdp:  # every forward gathers with the other processes: pad to the largest share
-                    most = max(sum(i % dp.ctx.world_size == r for i in idx) for r in range(dp.ctx.world_size))
-                    chunks += [([0], False)] * (-(-most // cfg.micro) - len(chunks))
+                # this process's rows of the mini-batch (padded under FSDP, where every forward is collective)
+                chunks = micro_batches(idx, cfg.micro, dp, owner=lambda i: i % dp.ctx.world_size, pad=mine[0])
                 opt.zero_grad(set_to_none=True)
-                for c, (rows, counted) in enumerate(chunks):
+                for c, (chunk, counted) in enumerate(chunks):
+                    rows = [local[i] for i in chunk]
                     with dp.accumulate(policy, last=c == len(chunks) - 1):
                         batch = pack([ro.prompt_ids[i] for i in rows], [ro.response_ids[i] for i in rows], pad_id, policy.device)
                         R = batch.mask.shape[1]

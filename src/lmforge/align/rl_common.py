@@ -462,17 +462,28 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> None:
     torch.nn.utils.clip_grads_with_norm_(plain, max_norm, total)
 
 
-def micro_batches(items: list, micro: int, dp: DataParallel | None = None) -> list[tuple[list, bool]]:
+def micro_batches(items: list, micro: int, dp: DataParallel | None = None, owner=None, pad=None) -> list[tuple[list, bool]]:
     """``items`` as ``(chunk, counted)`` micro-batches of at most ``micro``: all of them alone (no
-    ``dp``), else this process's share. Under FSDP every forward gathers parameters with the other
-    processes, so each runs as many micro-batches as the largest share needs: a process short of
-    examples gets padding chunks (``counted`` False) whose loss it weights by 0 and whose numbers it
-    leaves out of the logged sums."""
-    mine = dp.shard(items) if dp is not None else items
+    ``dp``), else this process's share -- every world-th item, or those ``owner(item)`` assigns to
+    this process's rank (PPO and GRPO, whose rollout rows live where they were sampled). Under FSDP
+    every forward gathers parameters with the other processes, so each runs as many micro-batches as
+    the largest share needs: a process short of examples gets padding chunks (``counted`` False,
+    holding ``pad``, default the first item) whose loss it weights by 0 and whose numbers it leaves
+    out of the logged sums."""
+    if dp is None:
+        mine = items
+    elif owner is None:
+        mine = dp.shard(items)
+    else:
+        mine = [x for x in items if owner(x) == dp.ctx.rank]
     chunks = [(mine[i : i + micro], True) for i in range(0, len(mine), micro)]
     if dp is not None and dp.fsdp and items:
-        largest = -(-len(items) // dp.ctx.world_size)  # rank 0's share
-        chunks += [(items[:1], False)] * (-(-largest // micro) - len(chunks))
+        world = dp.ctx.world_size
+        if owner is None:
+            largest = -(-len(items) // world)  # rank 0's share
+        else:
+            largest = max(sum(owner(x) == r for x in items) for r in range(world))
+        chunks += [([items[0] if pad is None else pad], False)] * (-(-largest // micro) - len(chunks))
     return chunks
 
 
