@@ -75,6 +75,12 @@ class BlockManager:
         if self.ref_count[b] == 0:
             self.free_queue[b] = None
 
+    def share(self, b: int) -> None:
+        """Another reference to block ``b``, which is in use (a forked sequence)."""
+        if self.ref_count[b] <= 0:
+            raise RuntimeError(f"KV block {b} is free: only a block in use can be shared.")
+        self.ref_count[b] += 1
+
     def lookup(self, h: bytes) -> int | None:
         """Take a reference to the cached block with hash ``h``, or None if there is none."""
         b = self.cached.get(h)

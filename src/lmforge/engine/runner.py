@@ -2,12 +2,13 @@
 
 Two cache layouts, one forward (the model's, with the cache behind ``Attention``):
 
-* ``ModelRunner`` (the engine: the server and ``generate``'s sampling): many sequences of any
-  lengths in a paged block pool; each step packs their new tokens into one row (``build_batch``)
-  and returns the logits of the rows that sample. Encoder-decoder models run their encoder once
-  per sequence (``encode``). ``PagedDecodeStep`` compiles its decode-only steps.
-* ``DecoderRunner`` / ``Seq2SeqRunner`` (beam search, speculative decoding, ``use_cache=False``,
-  attention the pool cannot page): one fixed batch in a contiguous ``KVCache``, static shapes, so
+* ``ModelRunner`` (the engine: the server, ``generate``, and through ``engine.lanes`` beam search
+  and speculative decoding): many sequences of any lengths in a paged block pool; each step packs
+  their new tokens into one row (``build_batch``) and returns the logits of the rows that sample.
+  Encoder-decoder models run their encoder once per sequence (``encode``). ``PagedDecodeStep``
+  compiles its decode-only steps.
+* ``DecoderRunner`` / ``Seq2SeqRunner`` (``use_cache=False``, attention the pool cannot page):
+  one fixed batch in a contiguous ``KVCache``, static shapes, so
   the one-token step can be compiled (``CompiledStep``). ``prefill()`` the prompts, then ``extend(tokens)``
   feeds new tokens and returns the next logits; ``rewind`` / ``reorder`` serve speculative decoding
   and beam search. With ``use_cache=False`` every step recomputes the whole sequence (the baseline

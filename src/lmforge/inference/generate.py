@@ -9,17 +9,17 @@ pool) and turns prompts (text, chat messages or token ids) into ``Completion`` o
 text; ``generate`` / ``stream`` / ``complete`` are that, for a model, in one call (what they prepare
 is kept with the model, per options, tokenizer and version of the weights).
 
-Sampling (``num_beams=1``) runs on the one decode ``Engine`` (``lmforge.engine``): a call adds its
-prompts as requests, steps the engine inline and collects each sequence's outputs through the
-request's sink, so text pieces come out as each step produces them. That serves decoder-only and
-encoder-decoder models with softmax attention and the KV cache on. The rest keeps the contiguous
-cache of ``engine.runner`` (``DecoderRunner`` / ``Seq2SeqRunner``, static shapes), unchanged:
-``beam_search`` (it reorders whole cache rows), speculative decoding (``speculative.py``: it rewinds
-both models' caches), ``use_cache=False`` (every step recomputes everything: the reference the cache
-is tested against) and sparse or linear attention (layers the engine cannot page), the last two
-through the fixed-batch loop ``engine.batch.decode_batch``. Both paths share the prompt check, the
-sampler and the output processor with its one finish rule. A ``GenerationRun`` carries the
-completions, timings and draft statistics of one call.
+Every decode runs on the one ``Engine`` (``lmforge.engine``) of the Generator wherever its pool can
+page the model's attention (softmax, KV cache on): sampling (``num_beams=1``) adds its prompts as
+requests, steps the engine inline and collects each sequence's outputs through the request's sink,
+so text pieces come out as each step produces them; ``beam_search`` and speculative decoding
+(``speculative.py``) drive ``engine.lanes.Lanes`` on the engine's runner and pool (forked beams share
+blocks, copy-on-write; rejected guesses are rewound). ``use_cache=False`` (every step recomputes
+everything: the reference the cache is tested against) and sparse or linear attention (layers the
+pool cannot page) run the same loops on the contiguous cache of ``engine.runner`` (``DecoderRunner``
+/ ``Seq2SeqRunner``; sampling through the fixed-batch loop ``engine.batch.decode_batch``). Both
+share the prompt check, the sampler and the output processor with its one finish rule. A
+``GenerationRun`` carries the completions, timings and draft statistics of one call.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 
 from lmforge.engine.batch import Row, decode_batch
 from lmforge.engine.core import Engine, EngineConfig, SeqResult, SequenceOutput
+from lmforge.engine.lanes import Lanes
 from lmforge.engine.output import OutputProcessor, stop_token_ids
 from lmforge.engine.prompt import PromptError, chat_ids, check_prompt, token_budget
 from lmforge.engine.runner import BackgroundStep, CompiledStep, ModelRunner, make_runner
@@ -331,24 +332,21 @@ class Generator:
                     f"the draft model's vocabulary ({draft_model.config.vocab_size}) differs from the target's "
                     f"({model.config.vocab_size}): use a draft model with the same tokenizer."
                 )
-        # sampling runs on the engine wherever it can page the model's attention (not beside a draft model)
-        self.on_engine = draft_model is None and getattr(model.config, "attention", "softmax") == "softmax"
+        # decoding runs on the engine wherever it can page the model's attention
+        self.on_engine = getattr(model.config, "attention", "softmax") == "softmax"
         self._engine: Engine | None = None
         self._engine_version = 0  # weights_version of self.model when the engine was built
-        # the contiguous paths' compiled step: beam search, and every decode of a model off the engine
-        # (compile="background" on the engine: the engine's graphs only; beam search stays eager)
+        # the contiguous cache's compiled step: every decode of a model off the engine
         self._step, self._background = None, None
         if compile:
             if model.config.arch != "decoder":
                 raise PromptError("compile=True compiles the decoder-only decode step; encoder-decoder models run eagerly.")
-            if compile != "background":
-                self._step = CompiledStep(model)  # compiles on its first call
-            elif not self.on_engine:
-                self._background = BackgroundStep(model)
+            if not self.on_engine:
+                self._step, self._background = (None, BackgroundStep(model)) if compile == "background" else (CompiledStep(model), None)
 
     @property
     def step(self):
-        """The contiguous paths' compiled decode step in use (None: eager). A background compile is
+        """The contiguous cache's compiled decode step in use (None: eager). A background compile is
         swapped in at the start of the first call after it is ready."""
         if self._step is None and self._background is not None and self._background.ready() is not None:
             self._step = self._background.ready()
@@ -452,6 +450,19 @@ class Generator:
                 out = OutputProcessor(params, stop_ids, self._max_new(len(ids), params), self.tokenizer, ids)
                 rows.append(Row(params, ids, make_generator(params, device, j), out))
         return rows
+
+    def _lanes(self, prompts: list[list[int]], max_new: int, use_cache: bool, copies: int = 1, extra_slots: int = 0):
+        """The cache beam search and speculative decoding run on: lanes on the engine's paged pool
+        (each prompt prefilled once, its ``copies`` lanes sharing its blocks), or, for attention the
+        pool cannot page and ``use_cache=False``, a contiguous runner of each prompt ``copies`` times."""
+        if use_cache and self.on_engine:
+            lanes = Lanes.of_engine(self.engine, prompts, copies)
+            graphs = self.engine.runner.decode_step
+            if graphs is not None and self.compile is True:  # compile=True: the first call of a batch size waits
+                graphs.wait([lanes.batch_size])
+            return lanes
+        expanded = [p for p in prompts for _ in range(copies)]
+        return make_runner(self.model, expanded, max_new, use_cache=use_cache, step=self.step, extra_slots=extra_slots)
 
     def _check_weights(self) -> None:
         if self.stale:
@@ -563,8 +574,7 @@ class Generator:
         for p in prompts:
             self._check_prompt(p)
         max_new = min(self._max_new(len(p), sp) for p in prompts)
-        expanded = [p for p in prompts for _ in range(num_beams)]
-        runner = make_runner(self.model, expanded, max_new, use_cache=use_cache, step=self.step)
+        runner = self._lanes(prompts, max_new, use_cache, copies=num_beams)
         stop_ids = self._stop_ids(sp)
         try:
             best = beam_search(runner, num_beams, max_new, stop_ids, length_penalty, early_stopping, sp.n)

@@ -3,9 +3,10 @@
 longest prefix it agrees with, plus its own next token. Every kept token is the target's argmax,
 so the output is the target's greedy output; each target pass yields 1 to k + 1 tokens.
 
-Both models keep static KV caches; rejected guesses are undone by moving the write position back
-(``runner.rewind``): their slots are simply overwritten later, and the causal mask never lets a
-query see a slot beyond its own position.
+Both models keep their caches in paged block pools (``engine.lanes``: the target's on its
+engine's pool, the draft's on one of its own); rejected guesses are undone by moving the length
+back (``rewind``), and their slots are simply overwritten later. Attention the pool cannot page, and
+``use_cache=False``, run on the contiguous ``DecoderRunner`` with the same interface.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from lmforge.engine.lanes import Lanes
 from lmforge.engine.runner import DecoderRunner
 from lmforge.engine.sampler import argmax
 
@@ -24,8 +26,11 @@ def speculative_tokens(gen, row, stats: dict, use_cache: bool = True) -> Iterato
     with the target passes, drafted and accepted tokens."""
     k = gen.num_draft_tokens
     out = row.out  # the output processor: text and the finish rule
-    target = DecoderRunner(gen.model, [row.prompt], out.max_new, use_cache=use_cache, extra_slots=k + 1)
-    draft = DecoderRunner(gen.draft_model, [row.prompt], out.max_new, use_cache=use_cache, extra_slots=k + 1)
+    target = gen._lanes([row.prompt], out.max_new, use_cache, extra_slots=k + 1)
+    if use_cache and getattr(gen.draft_model.config, "attention", "softmax") == "softmax":
+        draft = Lanes.own(gen.draft_model, [row.prompt], out.max_new, extra_slots=k + 1)
+    else:
+        draft = DecoderRunner(gen.draft_model, [row.prompt], out.max_new, use_cache=use_cache, extra_slots=k + 1)
     stats.update(target_passes=0, drafted=0, accepted=0)
     try:
         token = int(argmax(target.prefill()))
@@ -38,13 +43,13 @@ def speculative_tokens(gen, row, stats: dict, use_cache: bool = True) -> Iterato
             # 1. the draft guesses k tokens greedily (fewer near the end)
             n_guess = min(k, out.max_new - len(out.token_ids))
             guesses = []
-            logits = draft.extend(torch.tensor([pending], device=draft.slot_mask.device))
+            logits = draft.extend(torch.tensor([pending], device=draft.model.device))
             for i in range(n_guess):
                 guesses.append(int(argmax(logits)))
                 if i + 1 < n_guess:
-                    logits = draft.extend(torch.tensor([[guesses[-1]]], device=draft.slot_mask.device))
+                    logits = draft.extend(torch.tensor([[guesses[-1]]], device=draft.model.device))
             # 2. the target scores [token, guesses...] in one pass: its argmax after each of them
-            fed = torch.tensor([[token, *guesses]], device=target.slot_mask.device)
+            fed = torch.tensor([[token, *guesses]], device=target.model.device)
             preds = argmax(target.extend(fed, all_logits=True)[0]).tolist()  # (n_guess + 1,)
             n_ok = 0
             while n_ok < n_guess and guesses[n_ok] == preds[n_ok]:

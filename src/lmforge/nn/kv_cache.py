@@ -72,6 +72,18 @@ class PagedKVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
 
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy blocks ``src`` to blocks ``dst`` in every layer (a forked sequence's copy-on-write)."""
+        bs = self.block_size
+        device = self.k[0].device
+        offsets = torch.arange(bs, device=device)
+        to = (torch.tensor(dst, device=device)[:, None] * bs + offsets).flatten()
+        frm = (torch.tensor(src, device=device)[:, None] * bs + offsets).flatten()
+        with torch.inference_mode():
+            for k, v in zip(self.k, self.v):
+                k[to] = k[frm]
+                v[to] = v[frm]
+
     @staticmethod
     def bytes_per_token(n_layer: int, n_kv_head: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes of K and V that one token occupies across all layers."""
