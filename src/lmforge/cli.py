@@ -225,7 +225,7 @@ def _add_generation_options(s: argparse.ArgumentParser, temperature: float, top_
     # default: answer at once, eagerly, while the compiled step builds ($LMFORGE_COMPILE: background, on, off)
     s.set_defaults(compile={"on": True, "off": False}.get(os.environ.get("LMFORGE_COMPILE", ""), "background"))
     s.add_argument("--compile", action="store_const", const=True, dest="compile",
-                   help="compile the decode step before the first reply (default: in the background while answering)")
+                   help="wait for the compiled decode step after the first token (default: compile in the background while answering)")
     s.add_argument("--no-compile", action="store_const", const=False, dest="compile", help="decode eagerly only")
     _add_load_options(s)
     s.add_argument("--draft", default=None, help="draft model for speculative decoding (greedy: --temperature 0)")
