@@ -25,6 +25,7 @@ import copy
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import UserError
@@ -61,6 +62,9 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+INT8_KERNEL_K = 16  # torch's int8 CPU kernel takes in_features in multiples of this
+
+
 class Int8Linear(QuantizedLinear):
     """A drop-in for ``nn.Linear`` in inference, holding int8 weights and per-channel scales.
 
@@ -88,7 +92,13 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.scales.dtype), self.weight, self.scales)
+        x2 = x.reshape(-1, shape[-1]).to(self.scales.dtype)  # (M, K)
+        if self.in_features % INT8_KERNEL_K:
+            # torch's CPU kernel reads past the row when K is not a multiple of 16: a segfault from two
+            # rows up (measured: K = 4, 8, 12, 20, 24, 40). The same product, unfused:
+            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
