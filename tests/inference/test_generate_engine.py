@@ -211,3 +211,33 @@ def test_compile_true_waits_for_its_graph_and_gives_the_eager_tokens():
     again = gen.run(PROMPTS[:1], params).finish()
     assert [c.token_ids for c in again.completions] == eager and again.timing["first_step_s"] < 1
     assert not any(t.name == "lmforge-paged-compile" for t in threading.enumerate())  # nothing left running
+
+
+def test_threads_sharing_one_generator_take_turns(tiny_gpt2):
+    """Several threads calling one Generator (its engine stepped inline by each of them, and beam
+    search's lanes on the same pool) get what each would get alone, and leave the pool empty."""
+    _, model = tiny_gpt2
+    gen = Generator(model)
+    prompts = [[i + 1, i + 2, i + 3, 5] for i in range(6)]
+    kinds = [dict(temperature=0), dict(temperature=0.9, seed=4), dict(temperature=0, num_beams=3)]
+    calls = [(p, kinds[i % 3]) for i, p in enumerate(prompts)]
+    alone = [gen.complete(p, max_new_tokens=30, ignore_eos=True, **kw).token_ids for p, kw in calls]
+    got, errors = {}, []
+
+    def work(i):
+        try:
+            p, kw = calls[i]
+            for _ in range(4):
+                got.setdefault(i, []).append(gen.complete(p, max_new_tokens=30, ignore_eos=True, **kw).token_ids)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "the threads hang (seen without the engine's step lock)"
+    assert not errors
+    assert all(got[i] == [alone[i]] * 4 for i in range(len(calls)))
+    assert gen.engine.blocks.num_used == 0  # every sequence and lane gave its blocks back

@@ -200,6 +200,9 @@ class Engine:
         self._incoming: deque[Request] = deque()
         self._aborts: set[str] = set()
         self._cv = threading.Condition()
+        # held for a step: callers that step inline (one Generator used from several threads) take turns,
+        # and lanes (engine/lanes.py) drive the runner and blocks under it too
+        self.step_lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._ids = itertools.count()
@@ -318,7 +321,12 @@ class Engine:
 
     # --- the step ------------------------------------------------------------------------------
     def step(self) -> bool:
-        """Admit, schedule, run one forward, sample and emit. False when there was nothing to do."""
+        """Admit, schedule, run one forward, sample and emit. False when there was nothing to do.
+        Threads that step one engine take turns (``step_lock``)."""
+        with self.step_lock:
+            return self._step()
+
+    def _step(self) -> bool:
         outputs: list[tuple[Request, SequenceOutput]] = []
         self._intake(outputs)
         decodes, prefills = self.scheduler.schedule()

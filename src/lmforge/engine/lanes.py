@@ -12,13 +12,16 @@ single tokens runs the compiled decode graph of its batch size where there is on
 The interface is the contiguous ``DecoderRunner``'s (``prefill`` / ``extend`` / ``rewind`` /
 ``reorder`` / ``close``, ``batch_size``, ``model``), so ``beam_search`` and ``speculative_tokens``
 run on either; the contiguous one stays for attention the pool cannot page and ``use_cache=False``.
-Lanes do not lock the runner: they are for a runner stepped by the calling thread (a
-``Generator``'s engine, or a runner of their own), not one an engine thread steps at the same time.
+Lanes on an engine hold its ``step_lock`` for each call, so another thread stepping the same engine
+inline (one ``Generator`` used from several threads) takes turns with them; an engine that steps in
+its own thread (the server's) is refused.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -32,12 +35,23 @@ class PoolFullError(UserError, RuntimeError):
     """The KV pool has no free block for a lane's next tokens."""
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 class Lanes:
     """``len(prompts) * copies`` sequences on ``runner``'s pool, blocks from ``blocks``: each prompt
     is prefilled once and its ``copies`` lanes share its blocks (lane i is prompt i // copies)."""
 
-    def __init__(self, runner: ModelRunner, blocks: BlockManager, prompts: Sequence[Sequence[int]], copies: int = 1):
+    def __init__(self, runner: ModelRunner, blocks: BlockManager, prompts: Sequence[Sequence[int]], copies: int = 1,
+                 lock=None):  # fmt: skip
         self.runner, self.blocks = runner, blocks
+        self.lock = lock if lock is not None else threading.RLock()  # held by every call below
         self.model = runner.model
         self.prompts = [list(p) for p in prompts]
         self.copies = copies
@@ -51,7 +65,7 @@ class Lanes:
         """Lanes on an engine's runner and block pool (an engine stepped by the caller)."""
         if engine.running_in_thread:
             raise RuntimeError("lanes step the runner themselves: use them on an engine without its thread")
-        return cls(engine.runner, engine.blocks, prompts, copies)
+        return cls(engine.runner, engine.blocks, prompts, copies, engine.step_lock)
 
     @classmethod
     def own(cls, model, prompts: Sequence[Sequence[int]], max_new_tokens: int, block_size: int = 16,
@@ -89,6 +103,7 @@ class Lanes:
         blocks.grow(table, end)
 
     # --- the DecoderRunner interface -------------------------------------------------------------
+    @_locked
     def prefill(self) -> torch.Tensor:
         """Write each prompt into the pool; logits (batch_size, V) of the token after it."""
         starts = [self.runner.start_tokens(p) for p in self.prompts]
@@ -106,6 +121,7 @@ class Lanes:
             logits = logits[index.to(logits.device)]
         return logits
 
+    @_locked
     def extend(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """Feed tokens (batch_size, t); logits of the next token (batch_size, V), or after each fed
         token (batch_size, t, V). A step of single tokens is a decode step (compiled where ready)."""
@@ -125,6 +141,7 @@ class Lanes:
         self.lengths = [n + t for n in self.lengths]
         return logits
 
+    @_locked
     def rewind(self, n: int) -> None:
         """Forget every lane's last n tokens; blocks no longer needed go back to the pool."""
         for i, table in enumerate(self.tables):
@@ -133,6 +150,7 @@ class Lanes:
             while len(table) > keep:
                 self.blocks.release(table.pop())
 
+    @_locked
     def reorder(self, index: torch.Tensor) -> None:
         """Lanes become lanes ``index`` of before (beam search): a lane taken twice shares its blocks."""
         index = index.tolist()
@@ -147,6 +165,7 @@ class Lanes:
         if self.cross is not None:
             self.cross = [self.cross[i] for i in index]
 
+    @_locked
     def close(self) -> None:
         """Give every block back."""
         for table in self.tables:

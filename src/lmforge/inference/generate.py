@@ -150,7 +150,7 @@ def _engine_pieces(engine: Engine, prompts: list[list[int]], params: list[Sampli
             if wait_compiled and graphs is not None and first is not None and steps == 0 and engine.running:
                 graphs.wait([len(engine.running)])  # the first call of a batch size pays for its graph
             before = graphs.steps if graphs is not None else 0
-            if not engine.step() and not engine.running:
+            if not engine.step() and not engine.running and left[0]:  # (another thread's step may have finished them)
                 raise RuntimeError("the engine could not schedule any of this call's sequences.")
             t1 = time.perf_counter()
             if failed:
