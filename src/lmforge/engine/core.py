@@ -36,7 +36,7 @@ from lmforge.engine.sampler import MAX_LOGPROBS, Sampler, SamplingError, Samplin
 from lmforge.engine.scheduler import Scheduler
 from lmforge.errors import UserError
 
-log = logging.getLogger("lmforge.serve")
+log = logging.getLogger("lmforge.engine")
 
 
 class QueueFullError(UserError):
