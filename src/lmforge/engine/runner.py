@@ -344,7 +344,7 @@ class PagedDecodeStep:
         path = os.path.join(self.cache_dir, f"{key}-{self._weights_key}.pt2")
         if os.path.exists(path):
             try:
-                self.graphs[b] = torch._inductor.aoti_load_package(path)
+                self.graphs[b] = _load_package(path, self.model)
                 self.loaded.add(b)
                 return
             except Exception as e:  # noqa: BLE001 - a damaged file: compile it again
@@ -376,7 +376,7 @@ class PagedDecodeStep:
                 os.remove(tmp)
         _prune(self.cache_dir, key, path)
         _drop_build_copy(path)
-        self.graphs[b] = torch._inductor.aoti_load_package(path)
+        self.graphs[b] = _load_package(path, self.model)
 
     def run(self, runner: "ModelRunner", decodes) -> torch.Tensor:
         """Logits (n, V) of n decoding sequences: (block table, position, token) each."""
@@ -480,6 +480,20 @@ def _prune(cache_dir: str, key: str, keep: str) -> None:
             os.remove(e.path)
     except OSError as e:
         log.debug("pruning the decode graph cache failed: %s", e)
+
+
+def _load_package(path: str, model):
+    """An AOTInductor package of ``_AheadStep`` that reads the model's own tensors wherever it holds one
+    as it is (what it folded, e.g. packed weights, stays its own): the same values, as the weights'
+    hash in the package's name is ``model``'s. On its own copies the step was ~5% slower than
+    torch.compile's graph (SmolLM2, 1 thread: 12.2 vs 11.5 ms); on the model's, ~5% faster (10.5 vs 11.1)."""
+    import torch._inductor
+
+    graph = torch._inductor.aoti_load_package(path)
+    own = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+    shared = {f: own[f[6:]] for f in graph.get_constant_fqns() if f.startswith("model.") and f[6:] in own}
+    graph.load_constants(shared, check_full_update=False, user_managed=True)  # the model keeps them alive
+    return graph
 
 
 def _drop_build_copy(package: str) -> None:
