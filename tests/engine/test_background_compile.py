@@ -80,6 +80,11 @@ def test_a_failed_background_compile_leaves_the_engine_eager(monkeypatch, caplog
         return step
 
     monkeypatch.setattr(runner_mod, "compile_decode_step", broken)
+
+    def no_aot(self, runner, b):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(runner_mod.PagedDecodeStep, "_aot_graph", no_aot)
     gen = Generator(tiny(), compile="background")
     assert not gen.engine.runner.decode_step.wait([1], 30) and "no compiler here" in caplog.text
     run = gen.run([[1, 2, 3]], SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)).finish()

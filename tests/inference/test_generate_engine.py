@@ -210,6 +210,12 @@ def test_compile_true_waits_for_its_graph_and_gives_the_eager_tokens():
     assert run.timing["first_step_s"] > 1  # the first call paid for the compile
     again = gen.run(PROMPTS[:1], params).finish()
     assert [c.token_ids for c in again.completions] == eager and again.timing["first_step_s"] < 1
+    # beam search's lanes: the first call waits for the graph of its beam count, then every step runs it
+    beams = dict(max_new_tokens=16, temperature=0, num_beams=3, n=3, ignore_eos=True)
+    before = graphs.steps
+    got = [c.token_ids for c in gen.complete(PROMPTS[0], **beams)]
+    assert got == [c.token_ids for c in Generator(model).complete(PROMPTS[0], **beams)]
+    assert graphs.steps - before == 15 and 4 in graphs.built  # 3 beams: the bucket-4 graph, padded
     assert not any(t.name == "lmforge-paged-compile" for t in threading.enumerate())  # nothing left running
 
 

@@ -29,6 +29,7 @@ import platform
 import threading
 import time
 import types
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +37,11 @@ import torch
 from lmforge.nn.kv_cache import Chunk, PagedBatch, PagedKVCache
 
 log = logging.getLogger("lmforge.engine")
+# torch's own deprecation notices from inside export and max-autotune, printed on a user's terminal
+# mid-reply by the background compile: nothing a user of lmforge can act on
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning,
+                        module=r"torch\._inductor\.select_algorithm")  # fmt: skip
 
 
 # --- the paged runner ----------------------------------------------------------------------------
