@@ -95,3 +95,27 @@ def test_the_weights_hash_changes_with_any_weight_and_ignores_kv_caches():
         p[3, 5] -= 1e-3
         p.data = p.data.clone()  # the same values in another tensor: the same hash
     assert _weights_digest(model) == key
+
+
+def test_the_graph_cache_keeps_under_its_cap_dropping_the_least_recently_used(tmp_path, monkeypatch):
+    import os
+
+    from lmforge.engine.runner import _prune
+
+    def package(name: str, size: int, age: int) -> str:
+        path = tmp_path / f"{name}.pt2"
+        path.write_bytes(b"\0" * size)
+        os.utime(path, (1_000_000 - age, 1_000_000 - age))
+        return str(path)
+
+    monkeypatch.setenv("LMFORGE_DECODE_CACHE_GB", str(2500 / 2**30))  # 2500 bytes
+    old = package("a" * 32 + "-w1", 1000, age=50)  # key a, other weights, oldest of its key
+    mid = package("a" * 32 + "-w2", 1000, age=40)  # key a, other weights, newest of its key
+    other = package("b" * 32 + "-w1", 1000, age=30)  # another model or version
+    recent = package("c" * 32 + "-w1", 1000, age=10)
+    new = package("a" * 32 + "-w3", 1000, age=100)  # just written, though its clock says otherwise
+    _prune(str(tmp_path), "a" * 32, new)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not os.path.exists(old)  # its key keeps one package of other weights besides the new one
+    assert os.path.exists(new) and os.path.exists(recent)  # the new one always; then the most recently used
+    assert left == sorted(os.path.basename(p) for p in (new, recent)) and not os.path.exists(mid) and not os.path.exists(other)

@@ -353,6 +353,7 @@ class PagedDecodeStep:
             try:
                 self.graphs[b] = _load_package(path, self.model)
                 self.loaded.add(b)
+                os.utime(path)  # recently used: the size cap (``_prune``) removes the least recently used first
                 return
             except Exception as e:  # noqa: BLE001 - a damaged file: compile it again
                 log.warning("the cached decode graph %s does not load (%s: %s); compiling it again", path, type(e).__name__, e)
@@ -477,15 +478,30 @@ def _graph_key(model, pool: PagedKVCache, b: int, max_ctx: int, mode: str) -> st
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
+DECODE_CACHE_GB = 4.0  # default cap of $LMFORGE_CACHE/decode-graphs (LMFORGE_DECODE_CACHE_GB)
+
+
 def _prune(cache_dir: str, key: str, keep: str) -> None:
-    """Drop the packages of ``key`` (one model and bucket) for other weights but the newest one: a
-    package holds its weights (~250 MB for SmolLM2)."""
+    """Drop the packages of ``key`` (one model and bucket) for other weights but the newest one (a
+    package holds its weights: ~235 MB for SmolLM2), then the least recently used packages of any key
+    (other models, lmforge or torch versions) while the folder holds more than
+    ``LMFORGE_DECODE_CACHE_GB`` (default 4). ``keep``, the package just written, always stays."""
     try:
         others = sorted((e for e in os.scandir(cache_dir) if e.name.startswith(key + "-") and e.path != keep),
                         key=lambda e: e.stat().st_mtime)  # fmt: skip
         for e in others[:-1]:
             os.remove(e.path)
-    except OSError as e:
+        cap = float(os.environ.get("LMFORGE_DECODE_CACHE_GB") or DECODE_CACHE_GB) * 2**30
+        files = sorted((e for e in os.scandir(cache_dir) if e.name.endswith(".pt2") and not e.name.startswith(".")),
+                       key=lambda e: e.stat().st_mtime)  # fmt: skip
+        total = sum(e.stat().st_size for e in files)
+        for e in files:
+            if total <= cap:
+                break
+            if e.path != keep:
+                total -= e.stat().st_size
+                os.remove(e.path)
+    except (OSError, ValueError) as e:
         log.debug("pruning the decode graph cache failed: %s", e)
 
 
