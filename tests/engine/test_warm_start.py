@@ -22,6 +22,7 @@ import torch
 torch.set_num_threads(1)
 from lmforge.config import ModelConfig
 from lmforge.engine import Engine, EngineConfig, SamplingParams
+from lmforge.inference.quantize import quantize_model
 from lmforge.models import build_model
 
 torch.manual_seed(int(sys.argv[1]))
@@ -30,6 +31,8 @@ cfg = ModelConfig.from_name("smollm2-135m", n_layer=2, n_embd=64, n_head=4, n_kv
 model = build_model(cfg).eval()
 with torch.no_grad():
     model.lm_head.weight.normal_(0, 0.5)
+if sys.argv[2] == "1":
+    model = quantize_model(model, "int4")  # packages are for quantized weights (float ones keep torch.compile)
 prompts = [[5, 17, 300, 42, 1], [9] * 20]
 greedy = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 def tokens(engine):
@@ -44,15 +47,15 @@ seconds = time.perf_counter() - t
 before = step.steps
 compiled = tokens(engine)
 engine.shutdown()
-print(json.dumps(dict(loaded=sorted(step.loaded), built=sorted(step.built), aot_error=repr(step._aot_error),
+print(json.dumps(dict(ahead=step.ahead, loaded=sorted(step.loaded), built=sorted(step.built), aot_error=repr(step._aot_error),
                       seconds=seconds, compiled_steps=step.steps - before, same=compiled == eager)))
 """
 
 
-def start(cache, seed: int) -> dict:
+def start(cache, seed: int, quantize: bool = True) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env |= {"LMFORGE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", START, str(seed)], env=env, capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, "-c", START, str(seed), str(int(quantize))], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -71,6 +74,10 @@ def test_a_second_start_loads_the_decode_graph_and_other_weights_compile_their_o
     other = start(tmp_path, seed=1)  # the same model but other weights: its own graph, its own tokens
     assert other["loaded"] == [] and other["aot_error"] == "None"
     assert other["same"] and other["compiled_steps"] >= 40
+    assert len(list((tmp_path / "decode-graphs").glob("*.pt2"))) == 2
+
+    fp32 = start(tmp_path, seed=0, quantize=False)  # float weights: the torch.compile graph, no package
+    assert fp32["ahead"] is False and fp32["loaded"] == [] and fp32["built"] == [1] and fp32["same"]
     assert len(list((tmp_path / "decode-graphs").glob("*.pt2"))) == 2
 
 
