@@ -32,7 +32,7 @@ model = build_model(cfg).eval()
 with torch.no_grad():
     model.lm_head.weight.normal_(0, 0.5)
 if sys.argv[2] == "1":
-    model = quantize_model(model, "int4")  # packages are for quantized weights (float ones keep torch.compile)
+    model = quantize_model(model, "int4")  # the default load of a GGUF file: int4 layers, int8 head
 prompts = [[5, 17, 300, 42, 1], [9] * 20]
 greedy = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 def tokens(engine):
@@ -47,7 +47,7 @@ seconds = time.perf_counter() - t
 before = step.steps
 compiled = tokens(engine)
 engine.shutdown()
-print(json.dumps(dict(ahead=step.ahead, loaded=sorted(step.loaded), built=sorted(step.built), aot_error=repr(step._aot_error),
+print(json.dumps(dict(input_major=step.input_major, loaded=sorted(step.loaded), built=sorted(step.built), aot_error=repr(step._aot_error),
                       seconds=seconds, compiled_steps=step.steps - before, same=compiled == eager)))
 """
 
@@ -76,9 +76,11 @@ def test_a_second_start_loads_the_decode_graph_and_other_weights_compile_their_o
     assert other["same"] and other["compiled_steps"] >= 40
     assert len(list((tmp_path / "decode-graphs").glob("*.pt2"))) == 2
 
-    fp32 = start(tmp_path, seed=0, quantize=False)  # float weights: the torch.compile graph, no package
-    assert fp32["ahead"] is False and fp32["loaded"] == [] and fp32["built"] == [1] and fp32["same"]
-    assert len(list((tmp_path / "decode-graphs").glob("*.pt2"))) == 2
+    fp32 = start(tmp_path, seed=0, quantize=False)  # float weights: a package of the input-major twin
+    assert fp32["input_major"] is True and fp32["loaded"] == [] and fp32["built"] == [1] and fp32["same"]
+    assert fp32["aot_error"] == "None" and len(list((tmp_path / "decode-graphs").glob("*.pt2"))) == 3
+    again = start(tmp_path, seed=0, quantize=False)
+    assert again["loaded"] == [1] and again["same"] and again["compiled_steps"] >= 40
 
 
 def test_the_weights_hash_changes_with_any_weight_and_ignores_kv_caches():

@@ -174,14 +174,13 @@ class PagedDecodeStep:
     The thread lives only while buckets are queued (a later bucket starts a new one), so an engine
     nobody shuts down -- a ``Generator``'s -- leaves no thread behind to hold up the interpreter's exit.
 
-    A quantized model's graph (the default load of a GGUF file) is an AOTInductor package in
-    ``$LMFORGE_CACHE/decode-graphs``, keyed by the model's
+    Each graph is an AOTInductor package in ``$LMFORGE_CACHE/decode-graphs``, keyed by the model's
     code, structure and a content hash of its weights (frozen graphs hold the weights), the pool's
     shape, the bucket and the compiler set-up, so a second start loads it in about a second. (A
     ``torch.compile`` graph cannot be: torch's AOT autograd cache refuses frozen graphs, so every
     start would trace the model and freeze its weights again, ~20 s for SmolLM2.) A model that
-    ``torch.export`` cannot take gets the ``torch.compile`` graph instead, and so does a model with
-    float weights, on which the package's step measured slower (``ahead``).
+    ``torch.export`` cannot take gets the ``torch.compile`` graph instead, and so do the buckets above
+    1 of a model with float weights, where inductor's MKL-packed linear measured faster (``ahead``).
     """
 
     def __init__(self, model, max_batch: int = BATCH_BUCKETS[-1]):
@@ -201,11 +200,14 @@ class PagedDecodeStep:
         self.graphs: dict[int, object] = {}
         self.loaded: set[int] = set()  # buckets whose graph came from the disk cache
         self._aot_error: BaseException | None = None  # export or AOTInductor failed: torch.compile graphs
-        # ahead of time only for quantized weights: there the package's step is faster than torch.compile's
-        # (SmolLM2 int4, 2 threads: 4.15 against 4.6 ms a step); with float weights it is slower (fp32:
-        # 33.1 against 28.4 ms), so a float model keeps the torch.compile graph and re-traces on each start
-        self.ahead = is_quantized(model)
-        self._shadow = sharing_copy(model)
+        # Float linear weights are exported stored input-major (``input_major_twin``: W.t() contiguous): a
+        # package multiplies them with plain ``mm``, which streams the row-major layout ~20% slower (SmolLM2
+        # fp32, batch 1, 2 threads: 33.4 ms a step as stored, 26.1 input-major; torch.compile's graph,
+        # whose MKL-packed linear a package does not get, 27.4). At batch 8 the packed linear wins (52.6
+        # against 56.0 ms), so a float model's larger buckets stay torch.compile graphs (``ahead``).
+        # Quantized layers keep their packed int4/int8 kernels in a package at every bucket.
+        self.input_major = not is_quantized(model)
+        self._shadow = input_major_twin(model) if self.input_major else sharing_copy(model)
         self._weights_key: str | None = None  # computed once, in the builder thread
         self.max_ctx = max(2, model.config.max_seq_len)  # the longest context a graph takes
         self.built: set[int] = set()
@@ -219,6 +221,10 @@ class PagedDecodeStep:
         self._stopping = False
         self._started = 0.0
         self.first_built_s = 0.0  # seconds from start to the first graph
+
+    def ahead(self, b: int) -> bool:
+        """Whether bucket ``b``'s graph is an AOTInductor package (else a torch.compile graph)."""
+        return not self.input_major or b == 1
 
     def bucket(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
@@ -299,7 +305,7 @@ class PagedDecodeStep:
                 slots = torch.full((b,), runner.scratch_slot, dtype=torch.long, device=runner.device)
                 ctx = torch.full((b, 2), runner.scratch_slot, dtype=torch.long, device=runner.device)
                 t0 = time.perf_counter()
-                if self.ahead and self._aot_error is None:
+                if self._aot_error is None and self.ahead(b):
                     try:
                         self._aot_graph(runner, b)
                     except Exception as e:  # noqa: BLE001 - the torch.compile graph instead; say why
@@ -353,11 +359,11 @@ class PagedDecodeStep:
 
         if self._weights_key is None:
             self._weights_key = _weights_digest(self.model)
-        key = _graph_key(self.model, runner.pool, b, self.max_ctx, self.mode)
+        key = _graph_key(self.model, runner.pool, b, self.max_ctx, self.mode + ("/input-major" if self.input_major else ""))
         path = os.path.join(self.cache_dir, f"{key}-{self._weights_key}.pt2")
         if os.path.exists(path):
             try:
-                self.graphs[b] = _load_package(path, self.model)
+                self.graphs[b] = _load_package(path, self._shadow)
                 self.loaded.add(b)
                 os.utime(path)  # recently used: the size cap (``_prune``) removes the least recently used first
                 return
@@ -390,7 +396,7 @@ class PagedDecodeStep:
                 os.remove(tmp)
         _prune(self.cache_dir, key, path)
         _drop_build_copy(path)
-        self.graphs[b] = _load_package(path, self.model)
+        self.graphs[b] = _load_package(path, self._shadow)
 
     def run(self, runner: "ModelRunner", decodes) -> torch.Tensor:
         """Logits (n, V) of n decoding sequences: (block table, position, token) each."""
@@ -512,9 +518,9 @@ def _prune(cache_dir: str, key: str, keep: str) -> None:
 
 
 def _load_package(path: str, model):
-    """An AOTInductor package of ``_AheadStep`` that reads the model's own tensors wherever it holds one
-    as it is (what it folded, e.g. packed weights, stays its own): the same values, as the weights'
-    hash in the package's name is ``model``'s. On its own copies the step was ~5% slower than
+    """An AOTInductor package of ``_AheadStep`` that reads ``model``'s tensors (the exported one: the
+    engine's model, or its input-major twin) wherever it holds one as it is (what it folded, e.g.
+    packed weights, stays its own): the same values, as the weights' hash in the package's name says. On its own copies the step was ~5% slower than
     torch.compile's graph (SmolLM2, 1 thread: 12.2 vs 11.5 ms); on the model's, ~5% faster (10.5 vs 11.1)."""
     import torch._inductor
 
