@@ -189,9 +189,11 @@ def test_an_abandoned_stream_is_cancelled(tiny_chat, smol_tokenizer):
 
 
 @pytest.mark.slow  # compiles the paged decode step of a tiny model (about a minute on 2 cores)
-def test_compile_true_waits_for_its_graph_and_gives_the_eager_tokens():
+def test_compile_true_waits_for_its_graph_and_gives_the_eager_tokens(tmp_path, monkeypatch):
     from lmforge import ModelConfig
     from lmforge.models import build_model
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))  # a cold start: no decode graph on disk from an earlier run
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("smollm2-135m", n_layer=2, n_embd=64, n_head=4, n_kv_head=2, d_ff=128, vocab_size=300,
