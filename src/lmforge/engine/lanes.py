@@ -77,10 +77,6 @@ class Lanes:
         return cls(ModelRunner(model, num_blocks, block_size), BlockManager(num_blocks, block_size, enable_prefix_caching=False),
                    prompts)  # fmt: skip
 
-    @property
-    def device(self):
-        return self.runner.device
-
     # --- blocks --------------------------------------------------------------------------------
     def _room(self, lane: int, end: int) -> None:
         """Make lane ``lane``'s table hold slots up to ``end``, its blocks from its length on its
